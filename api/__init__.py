@@ -1,0 +1,1 @@
+"""CellAtlas HTTP API (FastAPI): versioned routes under /v1, auth by API key, health, metrics."""

@@ -1,0 +1,414 @@
+"""The live atlas as the API serves it: a published version with the catalogue's label
+corrections applied, and the archive-wide questions the routes ask of it (cell pages,
+review queue, suspect labels, per-class feature ranges, SOM hits).
+
+`AtlasView` is an immutable snapshot (one atlas version, one state of the corrections log):
+a request that holds one keeps a consistent answer while corrections or a new version arrive.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import warnings
+import weakref
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from api import schemas
+from api.rle import encode_rle
+from atlas.cells import NoCellFound
+from atlas.features import FEATURE_NAMES
+from atlas.reference import LoadedAtlas, QueryResult, UnknownCell
+from atlas.segment import CellRegion
+from atlas.store import AtlasStore
+
+RANGE_PERCENTILES = (2.0, 50.0, 98.0)
+SUSPECT_NEIGHBOURS = 8
+
+
+class InvalidValue(ValueError):
+    """A request value the API cannot use; the message says which and why (answered with 422)."""
+
+
+class UnknownLabel(InvalidValue):
+    """A label that is not one of the atlas's classes; the message lists the valid ones."""
+
+
+class UnknownNode(LookupError):
+    """A SOM node outside the grid."""
+
+
+class MissingCrop(LookupError):
+    """The crop file of an archived cell is not on disk."""
+
+
+def parse_node(text: str | None) -> tuple[int, int] | None:
+    """'ROW,COL' -> (row, col)."""
+    if text is None:
+        return None
+    try:
+        row, col = (int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidValue(f"node must look like ROW,COL (e.g. 3,4), got {text!r}") from None
+    return row, col
+
+
+def image_url(cell_id: str) -> str:
+    return f"/v1/cells/{cell_id}/image"
+
+
+class AtlasView:
+    """One atlas version with corrections applied (the latest correction of a cell wins)."""
+
+    def __init__(self, atlas: LoadedAtlas, corrections: dict[str, str], corrections_stamp: int = 0):
+        self.base = atlas
+        self.version = atlas.version
+        self.corrections_stamp = corrections_stamp
+        self.cells = atlas.cells
+        self.cell_ids = atlas.cells["cell_id"].to_numpy(dtype=object)
+        labels = np.array(atlas.labels, dtype=object, copy=True)
+        corrected = np.zeros(len(labels), bool)
+        for cell_id, label in corrections.items():
+            position = atlas.position.get(cell_id)
+            if position is not None:  # corrections of cells not in this version wait for theirs
+                labels[position], corrected[position] = label, True
+        self.labels, self.corrected = labels, corrected
+        # LoadedAtlas's queries read `labels`; a shallow copy with the corrected labels answers
+        # with them (references, label distribution) and shares the heavy state (index, models).
+        self.atlas = copy.copy(atlas)
+        self.atlas.labels = labels
+        self._by_id_order, self._sorted_ids = _cell_id_order(atlas)
+        self._predicted = self.cells["predicted_label"].to_numpy(dtype=object)
+        self._entropy = self.cells["entropy_bits"].to_numpy(float)
+        self._flagged = self.cells["flagged"].to_numpy(bool)
+        self._feature_ranges: dict | None = None
+        self._suspects: list[schemas.SuspectLabel] | None = None
+        self._lock = threading.Lock()
+
+    # -- single cells ---------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return self.base.classes
+
+    def check_label(self, label: str) -> str:
+        if label not in self.classes:
+            raise UnknownLabel(f"unknown label {label!r}; valid labels: {', '.join(self.classes)}")
+        return label
+
+    def position_of(self, cell_id: str) -> int:
+        position = self.base.position.get(cell_id)
+        if position is None:
+            raise UnknownCell(cell_id)
+        return position
+
+    def label_of(self, cell_id: str) -> str | None:
+        return self.labels[self.position_of(cell_id)]
+
+    def existing_crop_path(self, cell_id: str) -> Path:
+        path = Path(self.cells["crop_path"].iat[self.position_of(cell_id)])
+        if not path.is_file():
+            raise MissingCrop(f"the crop image of cell {cell_id} is missing ({path.name}); rebuild the atlas")
+        return path
+
+    def summary(self, position: int) -> schemas.CellSummary:
+        cell_id = str(self.cell_ids[position])
+        row, col = self.base.nodes[position]
+        return schemas.CellSummary(
+            cell_id=cell_id, label=self.labels[position], predicted_label=self._predicted[position],
+            entropy_bits=float(self._entropy[position]), flagged=bool(self._flagged[position]),
+            som_node=schemas.SomNode(row=int(row), col=int(col)), image_url=image_url(cell_id),
+        )
+
+    def detail(self, cell_id: str) -> schemas.CellDetail:
+        position = self.position_of(cell_id)
+        row = self.cells.iloc[position]
+        r0, c0, r1, c1 = (int(v) for v in row["bbox"])
+        return schemas.CellDetail(
+            **self.summary(position).model_dump(),
+            version=self.version,
+            original_label=row["label"],
+            corrected=bool(self.corrected[position]),
+            probabilities=dict(zip(self.classes, (float(p) for p in row["probabilities"]), strict=True)),
+            features={name: _finite(row[name]) for name in FEATURE_NAMES},
+            bbox=schemas.BBox(row0=r0, col0=c0, row1=r1, col1=c1),
+            source_path=row["source_path"], duplicate_group=row["duplicate_group"],
+            split=row["split"], som_distance=float(row["som_distance"]),
+            umap=schemas.Point(x=float(row["umap_x"]), y=float(row["umap_y"])),
+        )
+
+    # -- pages of cells ---------------------------------------------------------------------
+    def list_cells(self, label: str | None, node: tuple[int, int] | None, flagged: bool | None,
+                   limit: int, cursor: str | None) -> schemas.CellPage:
+        """Cells matching every filter given, in cell_id order, `limit` after `cursor` (the
+        last cell_id of the previous page)."""
+        keep = np.ones(len(self.cell_ids), bool)
+        if label is not None:
+            keep &= self.labels == self.check_label(label)
+        if node is not None:
+            try:
+                self.check_node(*node)
+            except UnknownNode as error:  # a filter value, not a resource: 422 rather than 404
+                raise InvalidValue(str(error)) from None
+            keep &= (self.base.nodes[:, 0] == node[0]) & (self.base.nodes[:, 1] == node[1])
+        if flagged is not None:
+            keep &= self._flagged == flagged
+        kept = keep[self._by_id_order]
+        ordered = self._by_id_order[kept]
+        start = 0 if cursor is None else int(np.searchsorted(self._sorted_ids[kept], cursor, "right"))
+        page = ordered[start : start + limit]
+        more = start + limit < len(ordered)
+        return schemas.CellPage(
+            items=[self.summary(int(p)) for p in page], total=int(keep.sum()),
+            next_cursor=str(self.cell_ids[page[-1]]) if more and len(page) else None,
+        )
+
+    def check_node(self, row: int, col: int) -> None:
+        rows, cols = self.base.som.rows, self.base.som.cols
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise UnknownNode(f"node ({row}, {col}) is outside the {rows}x{cols} SOM grid")
+
+    def node_cells(self, row: int, col: int, limit: int) -> schemas.NodeCells:
+        """The cells whose best-matching node is (row, col), closest to the node first."""
+        self.check_node(row, col)
+        members = np.flatnonzero((self.base.nodes[:, 0] == row) & (self.base.nodes[:, 1] == col))
+        members = members[np.argsort(self.base.som_distance[members], kind="stable")]
+        return schemas.NodeCells(
+            version=self.version, row=row, col=col, total=len(members),
+            cells=[schemas.NodeCell(**self.summary(int(p)).model_dump(),
+                                    som_distance=float(self.base.som_distance[p])) for p in members[:limit]],
+        )
+
+    def review_queue(self, limit: int, label: str | None = None) -> schemas.ReviewQueue:
+        """Uncorrected cells, the most uncertain prediction (highest entropy) first."""
+        keep = ~self.corrected
+        if label is not None:
+            keep &= self.labels == self.check_label(label)
+        positions = np.flatnonzero(keep)
+        order = np.lexsort((self.cell_ids[positions].astype(str), -self._entropy[positions]))
+        items = []
+        for p in positions[order[:limit]]:
+            summary = self.summary(int(p))
+            probabilities = self.cells["probabilities"].iat[int(p)]
+            items.append(schemas.ReviewItem(
+                **summary.model_dump(),
+                probabilities=dict(zip(self.classes, (float(v) for v in probabilities), strict=True))))
+        return schemas.ReviewQueue(version=self.version, remaining=len(positions), items=items)
+
+    # -- the map ----------------------------------------------------------------------------
+    def hits(self, label: str | None) -> schemas.Hits:
+        rows, cols = self.base.som.rows, self.base.som.cols
+        counts = np.zeros((rows, cols), np.int64)
+        nodes = self.base.nodes if label is None else self.base.nodes[self.labels == self.check_label(label)]
+        np.add.at(counts, (nodes[:, 0], nodes[:, 1]), 1)
+        return schemas.Hits(version=self.version, rows=rows, cols=cols, label=label,
+                            total=int(counts.sum()), counts=counts.tolist())
+
+    def projection(self) -> schemas.Projection:
+        return schemas.Projection(
+            version=self.version, cell_ids=self.cell_ids.astype(str).tolist(),
+            x=self.cells["umap_x"].astype(float).tolist(), y=self.cells["umap_y"].astype(float).tolist(),
+            labels=self.labels.tolist(), flagged=self._flagged.tolist(),
+        )
+
+    def label_counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.labels[self.labels != None].astype(str), return_counts=True)  # noqa: E711
+        return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+    # -- archive-wide judgements ------------------------------------------------------------
+    def suspect_labels(self) -> list[schemas.SuspectLabel]:
+        """Uncorrected labelled cells whose label disagrees with the majority (more than half)
+        of their SUSPECT_NEIGHBOURS latent reference cells; strongest disagreement first."""
+        with self._lock:
+            if self._suspects is None:
+                self._suspects = self._find_suspects()
+        return self._suspects
+
+    def _find_suspects(self) -> list[schemas.SuspectLabel]:
+        neighbours = latent_neighbours(self.base, SUSPECT_NEIGHBOURS)
+        found = []
+        for position, row in enumerate(neighbours):
+            label = self.labels[position]
+            if label is None or self.corrected[position]:
+                continue
+            votes = Counter(self.labels[p] for p in row if p >= 0 and self.labels[p] is not None)
+            if not votes:
+                continue
+            majority, count = votes.most_common(1)[0]
+            if majority != label and count > SUSPECT_NEIGHBOURS / 2:
+                found.append(schemas.SuspectLabel(
+                    cell_id=str(self.cell_ids[position]), label=label, majority_label=majority,
+                    votes=count, k=SUSPECT_NEIGHBOURS, entropy_bits=float(self._entropy[position]),
+                    reference_cell_ids=[str(self.cell_ids[p]) for p in row if p >= 0],
+                    image_url=image_url(str(self.cell_ids[position]))))
+        found.sort(key=lambda s: (-s.votes, -s.entropy_bits, s.cell_id))
+        return found
+
+    def feature_ranges(self) -> dict[str, dict[str, tuple[float, float, float]]]:
+        """{feature: {class: (p2, p50, p98)}} over the archive's labelled cells."""
+        with self._lock:
+            if self._feature_ranges is None:
+                self._feature_ranges = class_feature_percentiles(self.cells, self.labels, self.classes)
+        return self._feature_ranges
+
+    def feature_positions(self, features: dict[str, float | None]) -> list[schemas.FeaturePosition]:
+        """Where each feature value lies against each class's 2nd/50th/98th percentiles."""
+        ranges = self.feature_ranges()
+        return [
+            schemas.FeaturePosition(feature=name, value=value, classes={
+                label: schemas.FeatureRange(p2=_finite(p2), p50=_finite(p50), p98=_finite(p98),
+                                            position=range_position(value, p2, p98))
+                for label, (p2, p50, p98) in ranges[name].items()})
+            for name, value in features.items()
+        ]
+
+    # -- query results ----------------------------------------------------------------------
+    def reference_response(self, result: QueryResult, method: str, k: int) -> schemas.ReferenceCellsResponse:
+        return schemas.ReferenceCellsResponse(
+            version=result.version, method=method, k=k, cell_id=result.cell_id,
+            prediction=prediction(result), label_distribution=result.label_distribution,
+            som_node=schemas.SomNode(row=result.som_node[0], col=result.som_node[1]),
+            features=result.features,
+            references=[schemas.ReferenceCell(
+                cell_id=r.cell_id, label=r.label, distance=r.distance,
+                som_node=schemas.SomNode(row=r.som_node[0], col=r.som_node[1]),
+                image_url=image_url(r.cell_id)) for r in result.references],
+            timings_ms=result.timings_ms,
+        )
+
+    def classify_response(self, result: QueryResult) -> schemas.ClassifyResponse:
+        return schemas.ClassifyResponse(
+            version=result.version, prediction=prediction(result), features=result.features,
+            feature_positions=self.feature_positions(result.features),
+            som_node=schemas.SomNode(row=result.som_node[0], col=result.som_node[1]),
+            label_distribution=result.label_distribution, timings_ms=result.timings_ms,
+        )
+
+
+def prediction(result: QueryResult) -> schemas.Prediction:
+    p = result.prediction
+    return schemas.Prediction(label=p.label, probabilities=p.probabilities,
+                              entropy_bits=p.entropy_bits, flagged=p.flagged)
+
+
+def atlas_summary(view: AtlasView) -> schemas.AtlasSummary:
+    atlas, manifest = view.base, view.base.manifest
+    som = manifest.get("som", {})
+    return schemas.AtlasSummary(
+        version=view.version, built_at=manifest.get("built_at"), classes=view.classes,
+        cells=len(view.cells), counts_by_label=view.label_counts(), corrected_cells=int(view.corrected.sum()),
+        som=schemas.SomSummary(rows=atlas.som.rows, cols=atlas.som.cols,
+                               quantization_error=som.get("quantization_error"),
+                               topographic_error=som.get("topographic_error")),
+        flag_threshold_bits=atlas.flag_bits, um_per_pixel=atlas.um_per_pixel,
+    )
+
+
+def versions(home: Path) -> schemas.Versions:
+    store = AtlasStore(home)
+    current = store.current_version()
+    infos = []
+    for version in store.list_versions():
+        manifest = store.manifest(version)
+        infos.append(schemas.VersionInfo(
+            version=version, built_at=manifest.get("built_at"), cells=manifest.get("inputs", {}).get("cells"),
+            classes=manifest.get("classes", []), live=version == current))
+    return schemas.Versions(current=current, versions=infos)
+
+
+def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter) -> schemas.SegmentResponse:
+    if not regions:
+        raise NoCellFound("no white cell found in the image")
+    cells = []
+    for index, region in enumerate(regions):
+        r0, c0, r1, c1 = region.bbox
+        centre_row, centre_col = region.nucleus_centre
+        cells.append(schemas.SegmentedCell(
+            index=index, bbox=schemas.BBox(row0=r0, col0=c0, row1=r1, col1=c1),
+            cell_mask=schemas.RLE(**encode_rle(region.cell)),
+            nucleus_mask=schemas.RLE(**encode_rle(region.nucleus)),
+            cell_area_px=int(region.cell.sum()), nucleus_area_px=int(region.nucleus.sum()),
+            nucleus_centre=schemas.Point(x=centre_col, y=centre_row)))
+    return schemas.SegmentResponse(width=image.shape[1], height=image.shape[0], segmenter=segmenter.name,
+                                   um_per_pixel=segmenter.um_per_pixel, cells=cells)
+
+
+def u_matrix_png(u_matrix: np.ndarray, scale: int) -> bytes:
+    """The U-matrix as a grey PNG, `scale` pixels per node: clusters (close neighbours) light,
+    borders between them dark, as MiniSom's examples draw it."""
+    u = np.nan_to_num(np.asarray(u_matrix, dtype=float))
+    span = float(u.max() - u.min())
+    grey = 255 * (1 - (u - u.min()) / span) if span > 0 else np.full(u.shape, 255.0)
+    picture = Image.fromarray(grey.astype(np.uint8))
+    picture = picture.resize((u.shape[1] * scale, u.shape[0] * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- helpers that belong in atlas/ ---------------------------------------------------------------
+_neighbour_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_neighbour_lock = threading.Lock()
+_order_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cell_id_order(atlas: LoadedAtlas) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in cell_id order, the sorted cell ids), computed once per loaded version."""
+    with _neighbour_lock:
+        if atlas not in _order_cache:
+            ids = atlas.cells["cell_id"].to_numpy(dtype=str)
+            order = np.argsort(ids, kind="stable")
+            _order_cache[atlas] = (order, ids[order])
+        return _order_cache[atlas]
+
+
+def latent_neighbours(atlas: LoadedAtlas, k: int) -> np.ndarray:
+    """(n, k) positions of each archived cell's k nearest cells in the latent space, leaving out
+    the cell and its duplicates (as `reference_cells` does); -1 where there are fewer."""
+    with _neighbour_lock:
+        cached = _neighbour_cache.get(atlas)
+        if cached is not None and cached.shape[1] == k:
+            return cached
+        groups = atlas.cells["duplicate_group"].to_numpy(dtype=object)
+        largest_group = int(atlas.cells["duplicate_group"].value_counts().max())
+        _, found = atlas.index.search(atlas.latents, k + largest_group)
+        same = (found < 0) | (groups[found.clip(0)] == groups[:, None])
+        order = np.argsort(same, axis=1, kind="stable")[:, :k]  # other cells first, nearest first
+        picked = np.take_along_axis(found, order, 1)
+        picked[np.take_along_axis(same, order, 1)] = -1
+        if picked.shape[1] < k:
+            picked = np.pad(picked, ((0, 0), (0, k - picked.shape[1])), constant_values=-1)
+        _neighbour_cache[atlas] = picked
+        return picked
+
+
+def class_feature_percentiles(cells, labels: np.ndarray, classes: list[str]) -> dict:
+    """{feature: {class: (p2, p50, p98)}}, NaN-aware, from the cells of each class."""
+    ranges: dict[str, dict[str, tuple[float, float, float]]] = {name: {} for name in FEATURE_NAMES}
+    values = cells[list(FEATURE_NAMES)].to_numpy(float)
+    for label in classes:
+        members = values[labels == label]
+        if len(members) == 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature that is NaN for a whole class
+            percentiles = np.nanpercentile(members, RANGE_PERCENTILES, axis=0)
+        for j, name in enumerate(FEATURE_NAMES):
+            ranges[name][label] = tuple(float(v) for v in percentiles[:, j])
+    return ranges
+
+
+def range_position(value: float | None, low: float, high: float) -> str | None:
+    """'below' the class's 2nd percentile, 'above' its 98th, or 'within'; None if unknown."""
+    if value is None or not np.isfinite(low) or not np.isfinite(high):
+        return None
+    return "below" if value < low else "above" if value > high else "within"
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None

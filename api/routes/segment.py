@@ -1,0 +1,19 @@
+"""Segmentation of an uploaded image: every white cell with its cell and nucleus masks."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api import schemas
+from api.deps import Upload, View
+from api.queries import segment_response
+from api.routes.reference_cells import ERRORS
+
+router = APIRouter(tags=["segment"])
+
+
+@router.post("/segment", response_model=schemas.SegmentResponse, responses=ERRORS,
+             summary="White cells of an uploaded image, masks as COCO RLE")
+def segment(upload: Upload, view: View) -> schemas.SegmentResponse:
+    segmenter = view.atlas.segmenter
+    return segment_response(upload.image, segmenter.segment(upload.image), segmenter)

@@ -1,0 +1,269 @@
+"""The modified Xception backbone: timm's `XceptionAligned` built from named presets, trained
+as a classifier on the labelled cells; its feature map before the head is the cell's
+visual description (input to the VAE).
+
+Architectures are data (a block configuration per preset), as in timm. The core design used
+Xception with the middle flow repeated 3 times instead of 8 and tapped a 256x7x7 feature map.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.xception_aligned import XceptionAligned
+from torch import nn
+from tqdm import tqdm
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built or trained as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named backbone size. Widths are the Xception entry flow, the middle flow (repeated
+    `middle_repeats` times at the last entry width) and the exit flow."""
+
+    name: str
+    entry_widths: tuple[int, int, int]
+    middle_repeats: int
+    exit_widths: tuple[int, tuple[int, int, int]]
+    input_size: int  # crops (256 px at 0.1 um/px) are resized to this
+    tap_grid: int  # the tapped feature map is average-pooled to tap_grid x tap_grid
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    timm_name: str | None = None  # a timm model name instead of a block configuration
+
+    def block_cfg(self) -> list[dict]:
+        a, b, c = self.entry_widths
+        exit_first, exit_last = self.exit_widths
+        return [
+            dict(in_chs=64, out_chs=a, stride=2),
+            dict(in_chs=a, out_chs=b, stride=2),
+            dict(in_chs=b, out_chs=c, stride=2),
+            *[dict(in_chs=c, out_chs=c, stride=1) for _ in range(self.middle_repeats)],
+            dict(in_chs=c, out_chs=(c, exit_first, exit_first), stride=2),
+            dict(in_chs=exit_first, out_chs=exit_last, stride=1, no_skip=True, start_with_relu=False),
+        ]
+
+
+PRESETS: dict[str, BackbonePreset] = {
+    # Unit tests and the demo: seconds per epoch on tiny data.
+    "tiny": BackbonePreset("tiny", (16, 24, 32), 1, (48, (64, 64, 64)), 48, 2, 10, 32, 3e-3),
+    # The CPU default, sized by measurement on 2 cores (see README, "Choosing the CPU preset").
+    "cpu": BackbonePreset("cpu", (64, 128, 192), 3, (256, (256, 256, 256)), 80, 3, 20, 64, 2e-3),
+    # The core design's network: middle flow x3, 224 px input; for GPUs.
+    "gpu": BackbonePreset("gpu", (128, 256, 728), 3, (1024, (1536, 1536, 2048)), 224, 2, 40, 64, 1e-3),
+    # timm's xception41 (middle flow x8); the only preset that can use public weights.
+    "xception41": BackbonePreset("xception41", (128, 256, 728), 8, (1024, (1536, 1536, 2048)),
+                                 224, 2, 30, 32, 1e-3, timm_name="xception41"),
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} asked for, but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def build_model(preset: BackbonePreset, num_classes: int, pretrained: bool = False) -> nn.Module:
+    if preset.timm_name:
+        try:
+            return timm.create_model(preset.timm_name, pretrained=pretrained, num_classes=num_classes)
+        except Exception as error:  # timm raises many kinds of network/hub errors
+            raise BackboneError(
+                f"could not load pretrained weights for {preset.timm_name!r} ({type(error).__name__}: "
+                f"{error}). Pretrained weights need network access to the model hub; without it, "
+                "train from scratch by leaving out --pretrained."
+            ) from error
+    if pretrained:
+        raise BackboneError(
+            f"preset {preset.name!r} is a CellAtlas configuration with no public weights; "
+            "--pretrained works only with preset 'xception41'"
+        )
+    return XceptionAligned(
+        preset.block_cfg(), num_classes=num_classes,
+        norm_layer=partial(nn.BatchNorm2d, eps=1e-3, momentum=0.1),
+    )
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation (0-360), flips, small shift and zoom, and colour jitter, with its own
+    parameters for every image of the batch in one `grid_sample` call (torchvision's batched
+    transforms share one set of parameters across the batch). `batch` is float (N, 3, H, W)."""
+    n = batch.shape[0]
+    rand = partial(torch.rand, generator=generator)
+    angle = rand(n) * 2 * math.pi
+    zoom = 0.9 + 0.2 * rand(n)
+    flip = torch.where(rand(n) < 0.5, -1.0, 1.0)
+    shift = (rand(n, 2) - 0.5) * 0.1
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+        torch.stack([sin * flip, cos, shift[:, 1]], 1),
+    ], 1).to(batch)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness = (0.9 + 0.2 * rand(n, 1, 1, 1)).to(batch)
+    contrast = (0.9 + 0.2 * rand(n, 1, 1, 1)).to(batch)
+    saturation = (0.85 + 0.3 * rand(n, 1, 1, 1)).to(batch)
+    grey = out.mean(1, keepdim=True)
+    out = grey + (out - grey) * saturation
+    mean = out.mean((1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean) * brightness
+
+
+def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 rotations/reflections of the square (the dihedral group D4) of a batch."""
+    views = []
+    for flipped in (batch, batch.flip(-1)):
+        for k in range(4):
+            views.append(torch.rot90(flipped, k, dims=(-2, -1)))
+    return views
+
+
+class Backbone:
+    """Trainable classifier + feature tap. `fit` sets `model_`, `classes_`, `history_`;
+    `embed` returns the tapped features averaged over the 8 dihedral views, so that an
+    image rotated by a multiple of 90 degrees or mirrored gets exactly the same vector."""
+
+    def __init__(self, preset: str | BackbonePreset = "cpu", epochs: int | None = None,
+                 seed: int = 0, device: str = "auto", pretrained: bool = False):
+        self.preset = PRESETS[preset] if isinstance(preset, str) else preset
+        self.epochs = epochs if epochs is not None else self.preset.epochs
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.pretrained = pretrained
+
+    # -- training -------------------------------------------------------------------------
+    def fit(self, images: np.ndarray, labels: np.ndarray, classes: list[str],
+            val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+            progress: bool = True) -> Backbone:
+        """`images`: uint8 (N, S, S, 3) at the preset's input size; `labels`: class indices."""
+        if len(images) == 0:
+            raise BackboneError("no labelled cells to train the backbone on")
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.classes_ = list(classes)
+        self.channel_mean_ = images.reshape(-1, 3).mean(0) / 255.0
+        self.channel_std_ = images.reshape(-1, 3).std(0) / 255.0 + 1e-6
+        model = build_model(self.preset, len(classes), self.pretrained).to(self.device)
+        model = model.to(memory_format=torch.channels_last)
+        x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8, CPU
+        y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        batch = min(self.preset.batch_size, len(x_all))
+        steps_per_epoch = max(1, len(x_all) // batch)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=self.preset.learning_rate, weight_decay=0.05)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=self.preset.learning_rate, total_steps=self.epochs * steps_per_epoch,
+            pct_start=0.2,
+        )
+        self.history_ = []
+        for epoch in range(self.epochs):
+            model.train()
+            started = time.perf_counter()
+            order = torch.randperm(len(x_all), generator=generator)
+            losses, correct = [], 0
+            bar = tqdm(range(steps_per_epoch), desc=f"backbone epoch {epoch + 1}/{self.epochs}",
+                       disable=not progress, leave=False, unit="batch")
+            for step in bar:
+                idx = order[step * batch : (step + 1) * batch]
+                x = augment(x_all[idx].float() / 255.0, generator)
+                x = self._normalise(x.to(self.device))
+                y = y_all[idx].to(self.device)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(loss.item())
+                correct += (logits.argmax(1) == y).sum().item()
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                      "train_accuracy": correct / (steps_per_epoch * batch),
+                      "seconds": round(time.perf_counter() - started, 1)}
+            self.model_ = model
+            if val_images is not None and len(val_images):
+                predicted = self.predict(val_images)
+                record["val_accuracy"] = float((predicted == np.asarray(val_labels)).mean())
+            self.history_.append(record)
+            if progress:
+                tqdm.write(f"  backbone epoch {epoch + 1}: " + ", ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    if k != "epoch"))
+        self.model_ = model.eval()
+        return self
+
+    # -- use ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        self.model_.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = self._prepare(images[start : start + batch_size])
+            out.append(self.model_(x).argmax(1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        """Tapped feature vectors (N, D), averaged over the 8 dihedral views of each image."""
+        self.model_.eval()
+        out = []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="embed", disable=not progress, unit="batch", leave=False):
+            x = self._prepare(images[start : start + batch_size])
+            views = [self._tap(view.contiguous(memory_format=torch.channels_last)) for view in dihedral_views(x)]
+            out.append(torch.stack(views).mean(0).cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.feature_dim), np.float32)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model_.num_features * self.preset.tap_grid**2)
+
+    def _tap(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model_.forward_features(x)
+        return F.adaptive_avg_pool2d(features, self.preset.tap_grid).flatten(1)
+
+    def _prepare(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        return self._normalise(x.to(self.device)).contiguous(memory_format=torch.channels_last)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.channel_mean_, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.as_tensor(self.channel_std_, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path) -> None:
+        torch.save({
+            "preset": asdict(self.preset), "classes": self.classes_, "seed": self.seed,
+            "channel_mean": self.channel_mean_, "channel_std": self.channel_std_,
+            "history": self.history_, "state_dict": self.model_.state_dict(),
+        }, path)
+
+    @classmethod
+    def load(cls, path, device: str = "auto") -> Backbone:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        preset = state["preset"]
+        preset = BackbonePreset(**{**preset, "entry_widths": tuple(preset["entry_widths"]),
+                                   "exit_widths": (preset["exit_widths"][0], tuple(preset["exit_widths"][1]))})
+        backbone = cls(preset, seed=state["seed"], device=device)
+        backbone.classes_ = state["classes"]
+        backbone.channel_mean_ = state["channel_mean"]
+        backbone.channel_std_ = state["channel_std"]
+        backbone.history_ = state["history"]
+        model = build_model(preset, len(backbone.classes_))
+        model.load_state_dict(state["state_dict"])
+        backbone.model_ = model.to(backbone.device).to(memory_format=torch.channels_last).eval()
+        return backbone

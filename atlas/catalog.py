@@ -1,0 +1,169 @@
+"""The catalogue (DuckDB, `ATLAS_HOME/catalog.duckdb`): build jobs, and the append-only log of
+label corrections that the next build applies.
+
+DuckDB lets one process write a database file at a time, so every operation opens the file,
+does its work and closes it again; a writer that finds the file locked retries for a while.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+_PROCESS_LOCK = threading.RLock()
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS correction_seq START 1;
+CREATE TABLE IF NOT EXISTS corrections (
+    correction_id BIGINT PRIMARY KEY DEFAULT nextval('correction_seq'),
+    cell_id       VARCHAR NOT NULL,
+    old_label     VARCHAR,
+    new_label     VARCHAR NOT NULL,
+    note          VARCHAR,
+    author        VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL,
+    atlas_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      VARCHAR PRIMARY KEY,
+    kind        VARCHAR NOT NULL,
+    state       VARCHAR NOT NULL,      -- running, succeeded, failed
+    started_at  TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    version     VARCHAR,
+    message     VARCHAR,
+    progress    VARCHAR                -- JSON: step, done, total
+);
+"""
+
+
+class Catalog:
+    def __init__(self, home: Path | str, retry_s: float = 30.0):
+        self.path = Path(home) / "catalog.duckdb"
+        self.retry_s = retry_s
+
+    @contextmanager
+    def connect(self, read_only: bool = False):
+        """A connection for one short operation. `read_only` is accepted for callers' clarity
+        but every connection is read-write: DuckDB refuses mixing both kinds on one file in
+        one process, so connections in this process take turns (a process-wide lock) and other
+        processes are waited for (retry while the file is locked)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _PROCESS_LOCK:
+            deadline = time.monotonic() + self.retry_s
+            while True:
+                try:
+                    connection = duckdb.connect(str(self.path))
+                    break
+                except duckdb.IOException:  # locked by another process
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            try:
+                connection.execute(SCHEMA)
+                yield connection
+            finally:
+                connection.close()
+
+    # -- corrections ----------------------------------------------------------------------
+    def add_correction(self, cell_id: str, old_label: str | None, new_label: str, note: str | None,
+                       author: str, atlas_version: str | None) -> dict:
+        """Append one correction (nothing is ever updated or deleted) and return it as stored."""
+        with self.connect() as db:
+            row = db.execute(
+                "INSERT INTO corrections (cell_id, old_label, new_label, note, author, created_at, atlas_version) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {', '.join(CORRECTION_FIELDS)}",
+                [cell_id, old_label, new_label, note, author, _now(), atlas_version],
+            ).fetchone()
+        return _correction(row)
+
+    def corrections(self, cell_id: str | None = None, author: str | None = None, limit: int = 50,
+                    before: int | None = None) -> list[dict]:
+        """Corrections newest first, optionally of one cell or one author; `before` (a
+        correction_id) pages back through older ones."""
+        where, params = ["TRUE"], []
+        for condition, value in (("cell_id = ?", cell_id), ("author = ?", author), ("correction_id < ?", before)):
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        with self.connect(read_only=True) as db:
+            rows = db.execute(
+                f"SELECT {', '.join(CORRECTION_FIELDS)} FROM corrections WHERE {' AND '.join(where)} "
+                "ORDER BY correction_id DESC LIMIT ?", [*params, limit]).fetchall()
+        return [_correction(row) for row in rows]
+
+    def effective_labels(self) -> tuple[int, dict[str, str]]:
+        """(the latest correction_id, {cell_id: its latest new label}), read in one go."""
+        with self.connect(read_only=True) as db:
+            through = int(db.execute("SELECT coalesce(max(correction_id), 0) FROM corrections").fetchone()[0])
+            rows = db.execute(
+                "SELECT cell_id, arg_max(new_label, correction_id) FROM corrections "
+                "WHERE correction_id <= ? GROUP BY cell_id", [through]).fetchall()
+        return through, dict(rows)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def job(self, job_id: str) -> dict | None:
+        """One job (progress decoded from JSON), or None."""
+        with self.connect(read_only=True) as db:
+            row = db.execute(f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE job_id = ?", [job_id]).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, kind: str | None = None, state: str | None = None, limit: int = 20) -> list[dict]:
+        """Jobs newest first, optionally of one kind and state."""
+        where, params = ["TRUE"], []
+        for column, value in (("kind", kind), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        with self.connect(read_only=True) as db:
+            rows = db.execute(
+                f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY started_at DESC LIMIT ?", [*params, limit]).fetchall()
+        return [_job(row) for row in rows]
+
+    def start_job(self, job_id: str, kind: str) -> None:
+        with self.connect() as db:
+            db.execute("INSERT INTO jobs (job_id, kind, state, started_at) VALUES (?, ?, 'running', ?)",
+                       [job_id, kind, _now()])
+
+    def update_job(self, job_id: str, **fields) -> None:
+        if "progress" in fields and not isinstance(fields["progress"], str):
+            fields["progress"] = json.dumps(fields["progress"])
+        if fields.get("state") in ("succeeded", "failed"):
+            fields["finished_at"] = _now()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self.connect() as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", [*fields.values(), job_id])
+
+
+CORRECTION_FIELDS = ("correction_id", "cell_id", "old_label", "new_label", "note", "author", "created_at",
+                     "atlas_version")
+JOB_FIELDS = ("job_id", "kind", "state", "started_at", "finished_at", "version", "message", "progress")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # DuckDB returns TIMESTAMPTZ in the session's time zone; answers always speak UTC.
+    return value.astimezone(timezone.utc) if value is not None else None
+
+
+def _correction(row) -> dict:
+    correction = dict(zip(CORRECTION_FIELDS, row, strict=True))
+    correction["created_at"] = _utc(correction["created_at"])
+    return correction
+
+
+def _job(row) -> dict:
+    job = dict(zip(JOB_FIELDS, row, strict=True))
+    job["started_at"], job["finished_at"] = _utc(job["started_at"]), _utc(job["finished_at"])
+    job["progress"] = json.loads(job["progress"]) if job["progress"] else None
+    return job

@@ -1,0 +1,20 @@
+"""Two-dimensional UMAP projection of the cell embeddings, for the atlas scatter view."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def umap_projection(latents: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """(N, 2) UMAP coordinates; tiny archives fall back to the first two principal axes."""
+    latents = np.asarray(latents, dtype=np.float32)
+    if len(latents) < max(10, n_neighbors + 2):
+        centred = latents - latents.mean(0)
+        if len(latents) < 2:
+            return np.zeros((len(latents), 2), np.float32)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return (centred @ vt[:2].T).astype(np.float32)
+    import umap  # imported here: it compiles numba code on first import (seconds)
+
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=0.1, random_state=seed)
+    return reducer.fit_transform(latents).astype(np.float32)

@@ -1,0 +1,223 @@
+"""A published atlas version loaded for queries: adaptive reference cells and predictions.
+
+`LoadedAtlas.open(home)` loads the live version (cells, latents, FAISS index, SOM, models).
+Reference cells come either from the latent space (the core design's preferred method: the
+k smallest mean squared errors between VAE latents) or from the SOM (same node first, by
+distance to the node, then the nearest nodes on the grid). A cell never gets itself or its
+duplicates as references.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from atlas.backbone import Backbone
+from atlas.cells import PreparedCell, prepare_cells, resize_for_model
+from atlas.classify import CellClassifier, entropy_bits
+from atlas.features import FEATURE_NAMES
+from atlas.search import LatentIndex
+from atlas.segment import ClassicalSegmenter
+from atlas.som import BatchSOM
+from atlas.store import AtlasStore
+from atlas.vae import VAE
+
+METHODS = ("latent", "som")
+MAX_K = 100
+
+
+class UnknownCell(KeyError):
+    """No archived cell has this id."""
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    entropy_bits: float
+    flagged: bool
+
+
+@dataclass
+class Reference:
+    cell_id: str
+    label: str | None
+    distance: float  # mean squared error between latents
+    som_node: tuple[int, int]
+
+
+@dataclass
+class QueryResult:
+    version: str
+    prediction: Prediction
+    features: dict[str, float]
+    references: list[Reference]
+    label_distribution: dict[str, float]
+    som_node: tuple[int, int]
+    cell_id: str | None = None  # set when the query is an archived cell
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class LoadedAtlas:
+    def __init__(self, home: Path, version: str):
+        store = AtlasStore(home)
+        folder = store.version_dir(version)
+        self.home, self.version = Path(home), version
+        self.manifest = store.manifest(version)
+        self.cells = pd.read_parquet(folder / "cells.parquet")
+        self.latents = np.load(folder / "latents.npy")
+        self.index = LatentIndex.load(folder / "index.faiss")
+        som = np.load(folder / "som.npz")
+        self.som = BatchSOM.from_arrays(som)
+        self.u_matrix = som["u_matrix"]
+        self.latent_mean, self.latent_std = som["latent_mean"], som["latent_std"]
+        self.backbone = Backbone.load(folder / "models" / "backbone.pt", device="auto")
+        self.vae = VAE.load(folder / "models" / "vae.pt")
+        self.classifier = CellClassifier.load(folder / "models" / "classifier.json")
+        self.classes = list(self.manifest["classes"])
+        self.flag_bits = float(self.manifest["classifier"]["flag_threshold_bits"])
+        self.um_per_pixel = float(self.manifest["parameters"]["um_per_pixel"])
+        self.segmenter = ClassicalSegmenter(self.um_per_pixel)
+        self.position = {cell_id: i for i, cell_id in enumerate(self.cells["cell_id"])}
+        self.labels = self.cells["label"].to_numpy(dtype=object)
+        self.nodes = self.cells[["som_row", "som_col"]].to_numpy()
+        self.som_distance = self.cells["som_distance"].to_numpy()
+        groups = self.cells["duplicate_group"].to_numpy()
+        self._group_members = pd.Series(np.arange(len(groups))).groupby(groups).apply(list).to_dict()
+        self._groups = groups
+        self._by_sha = dict(zip(self.cells["source_sha256"] + "-" + self.cells["cell_index"].astype(str),
+                                range(len(self.cells))))
+
+    @classmethod
+    def open(cls, home: Path | str) -> LoadedAtlas:
+        return cls(Path(home), AtlasStore(home).require_current())
+
+    # -- the pieces -------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray) -> PreparedCell:
+        return prepare_cells(image, self.segmenter, self.um_per_pixel)[0]
+
+    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        model_input = resize_for_model(crops, self.backbone.preset.input_size)
+        with torch.inference_mode():
+            return self.vae.transform(self.backbone.embed(model_input))
+
+    def predict(self, features: np.ndarray, latent: np.ndarray) -> Prediction:
+        proba = self.classifier.predict_proba(np.hstack([features, latent])[None])[0]
+        entropy = float(entropy_bits(proba))
+        return Prediction(
+            label=self.classes[int(proba.argmax())],
+            probabilities={c: float(p) for c, p in zip(self.classes, proba)},
+            entropy_bits=entropy, flagged=entropy > self.flag_bits,
+        )
+
+    def excluded_positions(self, position: int) -> set[int]:
+        """A cell and the members of its duplicate group."""
+        return set(self._group_members[self._groups[position]])
+
+    def reference_cells(self, latent: np.ndarray, k: int = 8, method: str = "latent",
+                        exclude: set[int] = frozenset()) -> list[Reference]:
+        check_k(k)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method == "latent":
+            distances, positions = self.index.search(latent, k + len(exclude))
+            picked = [(int(p), float(d)) for p, d in zip(positions[0], distances[0])
+                      if p >= 0 and int(p) not in exclude][:k]
+        else:
+            picked = self._som_neighbours(latent, k, exclude)
+        return [Reference(cell_id=str(self.cells["cell_id"].iat[p]), label=self.labels[p], distance=d,
+                          som_node=(int(self.nodes[p, 0]), int(self.nodes[p, 1]))) for p, d in picked]
+
+    def label_distribution(self, latent: np.ndarray, n: int = 100, exclude: set[int] = frozenset()) -> dict:
+        """Share of each label among the n nearest labelled cells, weighted by 1/(distance + eps)."""
+        distances, positions = self.index.search(latent, n + len(exclude))
+        weights: dict[str, float] = {}
+        used = 0
+        for p, d in zip(positions[0], distances[0]):
+            if p < 0 or int(p) in exclude or self.labels[p] is None or used >= n:
+                continue
+            weights[self.labels[p]] = weights.get(self.labels[p], 0.0) + 1.0 / (float(d) + 1e-3)
+            used += 1
+        total = sum(weights.values()) or 1.0
+        return {label: w / total for label, w in sorted(weights.items(), key=lambda kv: -kv[1])}
+
+    def som_node(self, latent: np.ndarray) -> tuple[int, int]:
+        row, col = self.som.winners((latent - self.latent_mean) / self.latent_std)[0]
+        return int(row), int(col)
+
+    # -- whole queries ------------------------------------------------------------------------
+    def query_image(self, image: np.ndarray, k: int = 8, method: str = "latent",
+                    image_sha: str | None = None) -> QueryResult:
+        """Reference cells and prediction for the main cell of an image. `image_sha` (the file's
+        SHA-256) lets an uploaded copy of an archived image skip itself and its duplicates."""
+        check_k(k)
+        started = time.perf_counter()
+        cell = self.prepare(image)
+        segmented = time.perf_counter()
+        latent = self.embed([cell.crop.image])
+        embedded = time.perf_counter()
+        # An uploaded copy of an archived image must not be its own reference.
+        own = self._by_sha_position(image_sha)
+        result = self._answer(cell.features, latent, k, method, own)
+        done = time.perf_counter()
+        result.timings_ms = {"segment": 1000 * (segmented - started), "embed": 1000 * (embedded - segmented),
+                             "search_classify": 1000 * (done - embedded)}
+        return result
+
+    def query_cell(self, cell_id: str, k: int = 8, method: str = "latent") -> QueryResult:
+        position = self.position.get(cell_id)
+        if position is None:
+            raise UnknownCell(cell_id)
+        features = self.cells.loc[position, list(FEATURE_NAMES)].to_numpy(np.float32)
+        result = self._answer(features, self.latents[position : position + 1], k, method,
+                              self.excluded_positions(position), self.stored_prediction(position))
+        result.cell_id = cell_id
+        return result
+
+    def stored_prediction(self, position: int) -> Prediction:
+        """An archived cell's prediction as stored at build time: out-of-fold for labelled cells,
+        i.e. from a classifier that did not see the cell (the final one would be overconfident)."""
+        proba = np.asarray(self.cells["probabilities"].iat[position], dtype=np.float64)
+        entropy = float(self.cells["entropy_bits"].iat[position])
+        return Prediction(label=self.classes[int(proba.argmax())],
+                          probabilities={c: float(p) for c, p in zip(self.classes, proba)},
+                          entropy_bits=entropy, flagged=bool(self.cells["flagged"].iat[position]))
+
+    def _answer(self, features, latent, k, method, exclude, prediction=None) -> QueryResult:
+        return QueryResult(
+            version=self.version,
+            prediction=prediction or self.predict(features, latent[0]),
+            features={name: _finite(v) for name, v in zip(FEATURE_NAMES, features)},
+            references=self.reference_cells(latent, k, method, exclude),
+            label_distribution=self.label_distribution(latent, 100, exclude),
+            som_node=self.som_node(latent),
+        )
+
+    def _by_sha_position(self, image_sha: str | None) -> set[int]:
+        if image_sha is None:
+            return set()
+        position = self._by_sha.get(f"{image_sha}-0")
+        return self.excluded_positions(position) if position is not None else set()
+
+    def _som_neighbours(self, latent, k, exclude) -> list[tuple[int, float]]:
+        row, col = self.som_node(latent)
+        grid_distance = np.hypot(self.nodes[:, 0] - row, self.nodes[:, 1] - col)
+        order = np.lexsort((self.som_distance, grid_distance))  # same node first, then nearest nodes
+        picked = [int(p) for p in order if int(p) not in exclude][:k]
+        mse = ((self.latents[picked] - latent) ** 2).mean(1)
+        return list(zip(picked, mse.astype(float).tolist()))
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None

@@ -1,0 +1,116 @@
+"""Variational autoencoder that compresses backbone features to a small latent (default 50-d).
+
+As in the core design, the VAE is not used generatively: a cell's embedding is the mean of
+its latent distribution, mu(x). Inputs are standardised per dimension before training; the
+reconstruction term is the mean squared error on standardised features, the regulariser the
+KL divergence to N(0, I), weighted by `beta`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+class _Network(nn.Module):
+    def __init__(self, input_dim: int, latent_dim: int, hidden: tuple[int, int], dropout: float):
+        super().__init__()
+        h1, h2 = hidden
+        self.encoder = nn.Sequential(
+            nn.Linear(input_dim, h1), nn.BatchNorm1d(h1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.ReLU(),
+        )
+        self.mu = nn.Linear(h2, latent_dim)
+        self.log_var = nn.Linear(h2, latent_dim)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, h2), nn.BatchNorm1d(h2), nn.ReLU(),
+            nn.Linear(h2, h1), nn.BatchNorm1d(h1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(h1, input_dim),
+        )
+
+    def forward(self, x):
+        h = self.encoder(x)
+        mu, log_var = self.mu(h), self.log_var(h).clamp(-10, 10)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)  # reparameterisation trick
+        return self.decoder(z), mu, log_var
+
+
+class VAE:
+    """`fit(features)` sets `network_`, `mean_`, `std_`, `history_`; `transform` gives mu."""
+
+    def __init__(self, latent_dim: int = 50, hidden: tuple[int, int] = (512, 256),
+                 epochs: int = 40, batch_size: int = 128, learning_rate: float = 1e-3,
+                 beta: float = 1.0, dropout: float = 0.1, seed: int = 0, device: str = "cpu"):
+        if latent_dim < 2:
+            raise ValueError(f"latent_dim must be at least 2, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self.hidden = tuple(hidden)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.beta = beta
+        self.dropout = dropout
+        self.seed = seed
+        self.device = device
+
+    def fit(self, features: np.ndarray, progress: bool = True) -> VAE:
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError("the VAE needs at least 2 feature vectors")
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.mean_ = features.mean(0)
+        self.std_ = features.std(0) + 1e-6
+        x_all = torch.from_numpy((features - self.mean_) / self.std_)
+        net = _Network(features.shape[1], self.latent_dim, self.hidden, self.dropout).to(self.device)
+        optimiser = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
+        batch = min(self.batch_size, len(x_all))
+        self.history_ = []
+        for epoch in tqdm(range(self.epochs), desc="VAE", disable=not progress, unit="epoch", leave=False):
+            net.train()
+            order = torch.randperm(len(x_all), generator=generator)
+            totals = np.zeros(2)
+            for start in range(0, len(order) - batch + 1, batch):  # full batches (BatchNorm)
+                x = x_all[order[start : start + batch]].to(self.device)
+                reconstruction, mu, log_var = net(x)
+                recon = F.mse_loss(reconstruction, x, reduction="none").sum(1).mean()
+                kl = (-0.5 * (1 + log_var - mu**2 - log_var.exp()).sum(1)).mean()
+                loss = recon + self.beta * kl
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                totals += [recon.item(), kl.item()]
+            steps = max(1, len(order) // batch)
+            self.history_.append({"epoch": epoch + 1, "reconstruction": totals[0] / steps,
+                                  "kl": totals[1] / steps})
+        self.network_ = net.eval()
+        return self
+
+    @torch.no_grad()
+    def transform(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Latent means mu(x), shape (N, latent_dim)."""
+        features = np.asarray(features, dtype=np.float32)
+        out = []
+        for start in range(0, len(features), batch_size):
+            x = torch.from_numpy((features[start : start + batch_size] - self.mean_) / self.std_)
+            out.append(self.network_.mu(self.network_.encoder(x.to(self.device))).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.latent_dim), np.float32)
+
+    def save(self, path) -> None:
+        torch.save({"params": {k: getattr(self, k) for k in (
+            "latent_dim", "hidden", "epochs", "batch_size", "learning_rate", "beta", "dropout", "seed")},
+            "input_dim": len(self.mean_), "mean": self.mean_, "std": self.std_,
+            "history": self.history_, "state_dict": self.network_.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> VAE:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        vae = cls(**state["params"], device=device)
+        vae.mean_, vae.std_, vae.history_ = state["mean"], state["std"], state["history"]
+        net = _Network(state["input_dim"], vae.latent_dim, vae.hidden, vae.dropout)
+        net.load_state_dict(state["state_dict"])
+        vae.network_ = net.to(device).eval()
+        return vae

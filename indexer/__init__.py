@@ -1,0 +1,1 @@
+"""CellAtlas batch jobs and the `cellatlas` command line."""

@@ -1,0 +1,28 @@
+import numpy as np
+
+from atlas.dedup import average_hash, find_duplicates, hamming_pairs
+from atlas.synthetic import synthetic_cell
+
+
+def test_pairs_within_bits_found_by_faiss():
+    base = 0xF0F0F0F0F0F0F0F0
+    hashes = np.array([base, base ^ 0b1, base ^ 0b111, base ^ 0xFFFF], dtype=np.uint64)
+    assert sorted(hamming_pairs(hashes, 3)) == [(0, 1, 1), (0, 2, 3), (1, 2, 2)]
+
+
+def test_duplicates_group_within_a_class_and_review_at_three_bits():
+    base = 0x0123456789ABCDEF
+    hashes = np.array([base, base ^ 0b11, base ^ 0b111000, base ^ 0b1, base ^ 0b1001], dtype=np.uint64)
+    labels = ["a", "a", "a", "b", "b"]
+    result = find_duplicates(hashes, labels)
+    assert result.group[0] == result.group[1]  # 2 bits, same class: duplicates
+    assert result.group[3] == result.group[4]  # 1 bit, same class
+    assert result.group[0] != result.group[3]  # 1 bit apart, but another class
+    assert result.group[2] not in (result.group[0], result.group[3])  # 3 bits: only to review
+    assert result.review_pairs == [(0, 2, 3)]  # (2, 4) are 3 bits apart too, but differ in class
+
+
+def test_average_hash_is_stable_under_small_colour_change():
+    crop = synthetic_cell("neutrophil", np.random.default_rng(0))
+    brighter = np.clip(crop.astype(int) + 6, 0, 255).astype(np.uint8)
+    assert bin(average_hash(crop) ^ average_hash(brighter)).count("1") <= 2

@@ -1,0 +1,87 @@
+"""Backbone, VAE and classifier on tiny generated data."""
+
+import numpy as np
+import pytest
+
+from atlas.backbone import Backbone, BackboneError, dihedral_views
+from atlas.cells import resize_for_model
+from atlas.classify import CellClassifier, choose_flag_threshold, entropy_bits
+from atlas.synthetic import synthetic_cell
+from atlas.vae import VAE
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 16)
+    crops = [synthetic_cell(("lymphocyte", "neutrophil")[y], rng) for y in labels]
+    images = resize_for_model(crops, 48)
+    return Backbone("tiny", epochs=1, device="cpu").fit(images, labels, ["lymphocyte", "neutrophil"],
+                                                        progress=False), images
+
+
+def test_embedding_is_invariant_to_right_angle_rotations_and_mirroring(tiny_backbone):
+    backbone, images = tiny_backbone
+    base = backbone.embed(images[:4])
+    assert base.shape == (4, backbone.feature_dim)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(backbone.embed(np.rot90(images[:4], k, axes=(1, 2))), base, atol=1e-4)
+    np.testing.assert_allclose(backbone.embed(images[:4, :, ::-1]), base, atol=1e-4)
+
+
+def test_dihedral_views_are_eight_distinct_transforms():
+    import torch
+
+    x = torch.arange(9.0).view(1, 1, 3, 3)
+    views = {tuple(v.flatten().tolist()) for v in dihedral_views(x)}
+    assert len(views) == 8
+
+
+def test_backbone_save_load_gives_the_same_embedding(tiny_backbone, tmp_path):
+    backbone, images = tiny_backbone
+    backbone.save(tmp_path / "b.pt")
+    again = Backbone.load(tmp_path / "b.pt", device="cpu")
+    np.testing.assert_allclose(again.embed(images[:3]), backbone.embed(images[:3]), atol=1e-5)
+
+
+def test_pretrained_without_public_weights_is_a_clear_error():
+    with pytest.raises(BackboneError, match="no public weights"):
+        Backbone("tiny", pretrained=True, device="cpu").fit(
+            np.zeros((2, 48, 48, 3), np.uint8), np.array([0, 1]), ["a", "b"], progress=False)
+
+
+def test_vae_latent_shape_determinism_and_round_trip(tmp_path):
+    features = np.random.default_rng(0).normal(size=(64, 30)).astype(np.float32)
+    a = VAE(latent_dim=5, epochs=3, batch_size=16, seed=1).fit(features, progress=False)
+    b = VAE(latent_dim=5, epochs=3, batch_size=16, seed=1).fit(features, progress=False)
+    np.testing.assert_allclose(a.transform(features), b.transform(features), atol=1e-6)
+    assert a.transform(features).shape == (64, 5)
+    a.save(tmp_path / "v.pt")
+    np.testing.assert_allclose(VAE.load(tmp_path / "v.pt").transform(features), a.transform(features), atol=1e-6)
+
+
+def test_entropy_bits_known_values():
+    assert entropy_bits(np.full(8, 1 / 8)) == pytest.approx(3.0)
+    assert entropy_bits(np.array([1.0, 0, 0])) == pytest.approx(0.0, abs=1e-9)
+    assert entropy_bits(np.array([0.5, 0.5])) == pytest.approx(1.0)
+
+
+def test_classifier_learns_separable_classes_and_out_of_fold_is_honest():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    x = rng.normal(size=(90, 4)) + y[:, None] * 4
+    classifier = CellClassifier(n_estimators=30, threads=1).fit(x, y, ["a", "b", "c"])
+    assert (classifier.predict_proba(x).argmax(1) == y).mean() == 1.0
+    oof = classifier.out_of_fold_proba(x, y, ["a", "b", "c"])
+    assert oof.shape == (90, 3) and (oof.argmax(1) == y).mean() > 0.9
+    noise = rng.normal(size=(90, 4))
+    assert (classifier.out_of_fold_proba(noise, y, ["a", "b", "c"]).argmax(1) == y).mean() < 0.6
+
+
+def test_flag_threshold_separates_wrong_from_right():
+    confident = np.tile([0.97, 0.01, 0.01, 0.01], (20, 1))
+    unsure = np.tile([0.3, 0.25, 0.25, 0.2], (5, 1))
+    proba = np.vstack([confident, unsure])
+    labels = np.array([0] * 20 + [1] * 5)  # every unsure prediction is wrong
+    choice = choose_flag_threshold(proba, labels)
+    assert entropy_bits(confident[0]) < choice["chosen_bits"] < entropy_bits(unsure[0])

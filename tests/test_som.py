@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+from minisom import MiniSom
+
+from atlas.som import BatchSOM, grid_shape_for
+
+
+@pytest.fixture
+def blobs():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (4, 6))
+    return np.concatenate([c + rng.normal(0, 0.5, (50, 6)) for c in centres]).astype(np.float32)
+
+
+def _minisom_with(weights):
+    som = MiniSom(weights.shape[0], weights.shape[1], weights.shape[2], random_seed=0)
+    som._weights = weights.astype(np.float64)
+    return som
+
+
+def test_errors_and_u_matrix_match_minisom(blobs):
+    som = BatchSOM(6, 5, epochs=15, seed=1).fit(blobs)
+    reference = _minisom_with(som.weights_)
+    assert som.quantization_error(blobs) == pytest.approx(reference.quantization_error(blobs), rel=1e-5)
+    assert som.topographic_error(blobs) == pytest.approx(reference.topographic_error(blobs))
+    np.testing.assert_allclose(som.u_matrix(), reference.distance_map(scaling="sum"), rtol=1e-5)
+    expected_winners = np.array([reference.winner(x) for x in blobs])
+    np.testing.assert_array_equal(som.winners(blobs), expected_winners)
+
+
+def test_training_orders_the_map_and_lowers_quantization_error(blobs):
+    random_init = BatchSOM(6, 6, epochs=0, seed=0).fit(blobs)
+    no_shrink = BatchSOM(6, 6, epochs=20, sigma_start=4.0, sigma_end=4.0, seed=0).fit(blobs)
+    trained = BatchSOM(6, 6, epochs=20, seed=0).fit(blobs)
+    assert trained.topographic_error_ < random_init.topographic_error_  # neighbours became similar
+    assert trained.topographic_error_ < 0.2
+    assert trained.quantization_error_ < no_shrink.quantization_error_  # shrinking radius fits data
+    assert trained.hits(blobs).sum() == len(blobs)
+
+
+def test_same_seed_same_map(blobs):
+    a = BatchSOM(5, 5, epochs=5, seed=3).fit(blobs)
+    b = BatchSOM(5, 5, epochs=5, seed=3).fit(blobs)
+    np.testing.assert_array_equal(a.weights_, b.weights_)
+
+
+def test_grid_shape_follows_the_archive_size_and_is_capped():
+    rng = np.random.default_rng(0)
+    rows, cols = grid_shape_for(rng.normal(size=(10_000, 5)) * [3, 1, 1, 1, 1])
+    assert 400 <= rows * cols <= 600  # about 5 * sqrt(10000) = 500 nodes
+    assert rows > cols  # the longer side follows the larger principal variance
+    assert max(grid_shape_for(rng.normal(size=(10_000, 2)) * [1000, 1], max_side=40)) == 40
+
+
+def test_round_trip_through_arrays(blobs):
+    som = BatchSOM(4, 4, epochs=3).fit(blobs)
+    again = BatchSOM.from_arrays(som.to_arrays())
+    np.testing.assert_array_equal(again.winners(blobs), som.winners(blobs))
