@@ -33,6 +33,7 @@ from api.routes import (
     reference_cells,
     review,
     segment,
+    viewer_support,
 )
 from atlas.ingest import ImageReadError
 from atlas.reference import UnknownCell
@@ -41,7 +42,8 @@ from atlas.store import AtlasNotFound
 
 log = logging.getLogger("cellatlas.api")
 
-V1_ROUTERS = (reference_cells, cells, classify, segment, atlas_map, review, corrections, rebuilds)
+V1_ROUTERS = (reference_cells, cells, classify, segment, atlas_map, review, corrections, rebuilds,
+              viewer_support)
 
 
 AUTH_ERRORS = {401: {"model": schemas.Problem, "description": "no valid API key"},

@@ -17,6 +17,9 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads (torch, XGBoost) sleep instead of spinning: on 2 busy cores spinning
+    # threads made steps 10-60x slower. Must be set before those libraries load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
@@ -41,13 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(error: Exception) -> bool:
     from atlas.backbone import BackboneError
     from atlas.ingest import ImageReadError, IngestError
+    from atlas.jobs import RebuildRunning
     from atlas.reference import UnknownCell
     from atlas.segment import SegmentationError
     from atlas.store import AtlasNotFound
     from indexer.build import BuildError
+    from indexer.rebuild import RebuildError
 
     return isinstance(error, (BuildError, IngestError, ImageReadError, SegmentationError, AtlasNotFound,
-                              BackboneError, UnknownCell, ValueError, FileNotFoundError))
+                              BackboneError, UnknownCell, RebuildError, RebuildRunning, ValueError,
+                              FileNotFoundError))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -65,6 +71,15 @@ def cmd_build(args) -> int:
     result = build(config)
     if args.quiet:
         print(result.version)
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    from indexer.rebuild import rebuild
+
+    version = rebuild(Path(args.home), retrain_backbone=args.retrain_backbone, progress=not args.quiet,
+                      threads=args.threads)
+    print(version)
     return 0
 
 
@@ -167,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="start from public weights (preset xception41; needs network access)")
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
     p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("rebuild", help="publish a new version of the live atlas with the label corrections")
+    p.add_argument("--home", required=True, help="ATLAS_HOME whose live version is rebuilt")
+    p.add_argument("--retrain-backbone", action="store_true",
+                   help="also retrain backbone, VAE, index and SOM (a full build on the live version's images)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    p.set_defaults(run=cmd_rebuild)
 
     p = sub.add_parser("query", help="reference cells and prediction for one image")
     p.add_argument("image")

@@ -60,6 +60,7 @@ def rebuild(home: Path | str, retrain_backbone: bool = False, progress: bool = T
     when another rebuild holds it, RebuildError / AtlasNotFound when there is nothing to rebuild.
     """
     home = Path(home)
+    AtlasStore(home).require_current()  # fails early, before anything is written
     lock = RebuildLock.adopt(home, lock_fd) if lock_fd is not None else RebuildLock(home).acquire()
     try:
         catalog = Catalog(home)
