@@ -11,9 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from atlas.dedup import average_hash
+from atlas.dedup import average_hash, fine_hash
 from atlas.features import describe
-from atlas.segment import CellCrop, SegmentationError, Segmenter, check_image, crop_cell
+from atlas.segment import (
+    NUCLEUS,
+    CellCrop,
+    SegmentationError,
+    Segmenter,
+    background_colour,
+    check_image,
+    crop_cell,
+)
 
 
 class NoCellFound(SegmentationError):
@@ -26,6 +34,7 @@ class PreparedCell:
     crop: CellCrop
     features: np.ndarray
     ahash: int
+    fine_hash: str
 
 
 def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
@@ -41,12 +50,37 @@ def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
     prepared = []
     for index, region in enumerate(regions):
         crop = crop_cell(image, region, um_per_pixel)
-        prepared.append(PreparedCell(index, crop, describe(crop.image, crop.mask), average_hash(crop.image)))
+        prepared.append(PreparedCell(index, crop, describe(crop.image, crop.mask),
+                                     average_hash(crop.image), fine_hash(crop.image)))
     return prepared
 
 
-def resize_for_model(crops: list[np.ndarray], size: int) -> np.ndarray:
-    """Crops resized (with antialiasing) to the backbone's input size, (N, size, size, 3) uint8."""
+def model_input(crops: list[CellCrop], size: int) -> np.ndarray:
+    """What the backbone sees: each crop turned to its canonical orientation, then resized
+    (with antialiasing) to the backbone's input size; (N, size, size, 3) uint8."""
     if not crops:
         return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.LANCZOS)) for c in crops])
+    return np.stack([
+        np.asarray(Image.fromarray(canonical_orientation(c.image, c.mask)).resize((size, size), Image.LANCZOS))
+        for c in crops
+    ])
+
+
+def canonical_orientation(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The crop rotated about its centre so that the nucleus's long axis lies horizontal.
+
+    A rotated copy of a cell then reaches the backbone in (nearly) the same orientation as the
+    original; what is left (180 degrees, mirror images, a round nucleus's unstable axis) is
+    covered by the backbone's averaging over rotated and mirrored views."""
+    region = mask == NUCLEUS
+    if region.sum() < 10:
+        region = mask > 0
+    if region.sum() < 10:
+        return image
+    rows, cols = np.nonzero(region)
+    covariance = np.cov(np.stack([cols - cols.mean(), rows - rows.mean()]))
+    _, vectors = np.linalg.eigh(covariance)
+    long_axis = vectors[:, 1]
+    angle = float(np.degrees(np.arctan2(long_axis[1], long_axis[0])))
+    fill = tuple(int(v) for v in background_colour(image))
+    return np.asarray(Image.fromarray(image).rotate(angle, resample=Image.BILINEAR, fillcolor=fill))

@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 
 from atlas.backbone import Backbone
-from atlas.cells import PreparedCell, prepare_cells, resize_for_model
+from atlas.cells import PreparedCell, model_input, prepare_cells
 from atlas.classify import CellClassifier, entropy_bits
 from atlas.features import FEATURE_NAMES
 from atlas.search import LatentIndex
-from atlas.segment import ClassicalSegmenter
+from atlas.segment import CellCrop, ClassicalSegmenter
 from atlas.som import BatchSOM
 from atlas.store import AtlasStore
 from atlas.vae import VAE
@@ -101,10 +101,10 @@ class LoadedAtlas:
     def prepare(self, image: np.ndarray) -> PreparedCell:
         return prepare_cells(image, self.segmenter, self.um_per_pixel)[0]
 
-    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
-        model_input = resize_for_model(crops, self.backbone.preset.input_size)
+    def embed(self, crops: list[CellCrop]) -> np.ndarray:
+        """VAE latents (the cells' embeddings) of nucleus-centred crops."""
         with torch.inference_mode():
-            return self.vae.transform(self.backbone.embed(model_input))
+            return self.vae.transform(self.backbone.embed(model_input(crops, self.backbone.preset.input_size)))
 
     def predict(self, features: np.ndarray, latent: np.ndarray) -> Prediction:
         proba = self.classifier.predict_proba(np.hstack([features, latent])[None])[0]
@@ -159,7 +159,7 @@ class LoadedAtlas:
         started = time.perf_counter()
         cell = self.prepare(image)
         segmented = time.perf_counter()
-        latent = self.embed([cell.crop.image])
+        latent = self.embed([cell.crop])
         embedded = time.perf_counter()
         # An uploaded copy of an archived image must not be its own reference.
         own = self._by_sha_position(image_sha)

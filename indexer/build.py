@@ -29,7 +29,7 @@ from tqdm import tqdm
 from atlas import __version__
 from atlas.backbone import PRESETS, Backbone
 from atlas.catalog import Catalog
-from atlas.cells import prepare_cells, resize_for_model
+from atlas.cells import model_input, prepare_cells
 from atlas.classify import DEFAULT_FLAG_BITS, CellClassifier, choose_flag_threshold, entropy_bits
 from atlas.dedup import find_duplicates
 from atlas.features import FEATURE_NAMES
@@ -185,16 +185,18 @@ def ingest_and_prepare(records, config: BuildConfig, store: AtlasStore):
     workers = max(1, config.threads)
     with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
         results = pool.map(_prepare_file, jobs, chunksize=16)
-        for (path, *_), result in tqdm(zip(jobs, results), total=len(jobs), desc="segment",
+        for (path, label, *_), result in tqdm(zip(jobs, results), total=len(jobs), desc="segment",
                                               disable=not config.progress, unit="img"):
             if isinstance(result, str):
                 rejections.append(Rejection(path, result))
                 continue
             sha = result[0][0]["source_sha256"]
             if sha in seen:
-                rejections.append(Rejection(path, f"identical file already ingested: {seen[sha]}"))
+                first_path, first_label = seen[sha]
+                conflict = f" (labelled {first_label!r} there, {label!r} here)" if first_label != label else ""
+                rejections.append(Rejection(path, f"identical file already ingested: {first_path}{conflict}"))
                 continue
-            seen[sha] = path
+            seen[sha] = (path, label)
             for row, crop in result:
                 rows.append(row)
                 crops.append(crop)
@@ -233,9 +235,9 @@ def _prepare_file(job):
         r0, c0, r1, c1 = cell.crop.bbox
         row = {"cell_id": cell_id, "source_path": path, "source_sha256": sha, "cell_index": cell.index,
                "label": label, "bbox": [r0, c0, r1, c1], "crop_path": str(crop_path),
-               "ahash": f"{cell.ahash:016x}",
+               "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash,
                **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
-        out.append((row, resize_for_model([cell.crop.image], input_size)[0]))
+        out.append((row, model_input([cell.crop], input_size)[0]))
     return out
 
 
@@ -258,7 +260,7 @@ def apply_corrections(cells: pd.DataFrame, catalog: Catalog) -> dict:
 # -- step 4: deduplicate ----------------------------------------------------------------------
 def deduplicate(cells: pd.DataFrame) -> dict:
     hashes = np.array([int(h, 16) for h in cells["ahash"]], dtype=np.uint64)
-    result = find_duplicates(hashes, cells["label"].tolist())
+    result = find_duplicates(hashes, cells["fine_hash"].tolist(), cells["label"].tolist())
     # Name a group by its first cell, so that group ids are stable and readable.
     first = pd.Series(cells["cell_id"].to_numpy()).groupby(result.group).transform("first")
     cells["duplicate_group"] = first.to_numpy()

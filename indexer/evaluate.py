@@ -20,7 +20,7 @@ from tqdm import tqdm
 from atlas.cells import prepare_cells
 from atlas.ingest import ImageReadError, IngestError, list_images, read_image_bytes
 from atlas.reference import LoadedAtlas
-from atlas.segment import SegmentationError, background_colour
+from atlas.segment import CellCrop, SegmentationError, background_colour
 
 K = 8
 
@@ -40,7 +40,7 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
             labels.append(record.label)
         except (ImageReadError, SegmentationError) as error:
             failed[str(error).split(" (")[0]] += 1
-    latents = _embed_all(atlas, [q.crop.image for q in queries], progress)
+    latents = _embed_all(atlas, [q.crop for q in queries], progress)
     features = np.stack([q.features for q in queries])
     proba = atlas.classifier.predict_proba(np.hstack([features, latents]))
     predicted = np.array(atlas.classes)[proba.argmax(1)]
@@ -104,7 +104,7 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
         }
         for kind, copy in copies.items():
             try:
-                crops.append(prepare_cells(np.asarray(copy), atlas.segmenter, atlas.um_per_pixel)[0].crop.image)
+                crops.append(prepare_cells(np.asarray(copy), atlas.segmenter, atlas.um_per_pixel)[0].crop)
             except SegmentationError:
                 continue
             owners.append(position)
@@ -125,7 +125,7 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
     }
 
 
-def _embed_all(atlas: LoadedAtlas, crops: list[np.ndarray], progress: bool, batch: int = 256) -> np.ndarray:
+def _embed_all(atlas: LoadedAtlas, crops: list[CellCrop], progress: bool, batch: int = 256) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(crops), batch), desc="embed", disable=not progress, unit="batch"):
         out.append(atlas.embed(crops[start : start + batch]))

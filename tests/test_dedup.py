@@ -1,6 +1,6 @@
 import numpy as np
 
-from atlas.dedup import average_hash, find_duplicates, hamming_pairs
+from atlas.dedup import average_hash, find_duplicates, fine_distance, fine_hash, hamming_pairs
 from atlas.synthetic import synthetic_cell
 
 
@@ -14,12 +14,29 @@ def test_duplicates_group_within_a_class_and_review_at_three_bits():
     base = 0x0123456789ABCDEF
     hashes = np.array([base, base ^ 0b11, base ^ 0b111000, base ^ 0b1, base ^ 0b1001], dtype=np.uint64)
     labels = ["a", "a", "a", "b", "b"]
-    result = find_duplicates(hashes, labels)
+    same_fine = ["00" * 32] * 5  # the fine hash agrees everywhere
+    result = find_duplicates(hashes, same_fine, labels)
     assert result.group[0] == result.group[1]  # 2 bits, same class: duplicates
     assert result.group[3] == result.group[4]  # 1 bit, same class
     assert result.group[0] != result.group[3]  # 1 bit apart, but another class
     assert result.group[2] not in (result.group[0], result.group[3])  # 3 bits: only to review
     assert result.review_pairs == [(0, 2, 3)]  # (2, 4) are 3 bits apart too, but differ in class
+
+
+def test_coarse_matches_need_the_fine_hash_to_agree():
+    """Different round cells share a 64-bit hash; the 256-bit hash tells them apart."""
+    hashes = np.array([0xFFFFC3C3C3C3FFFF] * 3, dtype=np.uint64)
+    fine = ["00" * 32, "00" * 31 + "0f", "ff" * 32]  # 4 bits apart, then 256 bits apart
+    result = find_duplicates(hashes, fine, ["a", "a", "a"])
+    assert result.group[0] == result.group[1] != result.group[2]
+    assert fine_distance(fine[0], fine[1]) == 4
+
+
+def test_fine_hash_separates_different_cells_of_one_class():
+    rng = np.random.default_rng(0)
+    a, b = synthetic_cell("neutrophil", rng), synthetic_cell("neutrophil", rng)
+    assert fine_distance(fine_hash(a), fine_hash(a)) == 0
+    assert fine_distance(fine_hash(a), fine_hash(b)) > 12
 
 
 def test_average_hash_is_stable_under_small_colour_change():

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from atlas.backbone import Backbone, BackboneError, dihedral_views
-from atlas.cells import resize_for_model
+from atlas.cells import canonical_orientation
 from atlas.classify import CellClassifier, choose_flag_threshold, entropy_bits
 from atlas.synthetic import synthetic_cell
 from atlas.vae import VAE
@@ -15,7 +16,7 @@ def tiny_backbone():
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * 16)
     crops = [synthetic_cell(("lymphocyte", "neutrophil")[y], rng) for y in labels]
-    images = resize_for_model(crops, 48)
+    images = np.stack([np.asarray(Image.fromarray(c).resize((48, 48), Image.LANCZOS)) for c in crops])
     return Backbone("tiny", epochs=1, device="cpu").fit(images, labels, ["lymphocyte", "neutrophil"],
                                                         progress=False), images
 
@@ -85,3 +86,19 @@ def test_flag_threshold_separates_wrong_from_right():
     labels = np.array([0] * 20 + [1] * 5)  # every unsure prediction is wrong
     choice = choose_flag_threshold(proba, labels)
     assert entropy_bits(confident[0]) < choice["chosen_bits"] < entropy_bits(unsure[0])
+
+
+def test_canonical_orientation_turns_the_nucleus_long_axis_horizontal():
+    from skimage.draw import ellipse
+
+    from atlas.segment import NUCLEUS
+
+    image = np.full((128, 128, 3), 230, np.uint8)
+    mask = np.zeros((128, 128), np.uint8)
+    rr, cc = ellipse(64, 64, 12, 40, (128, 128), rotation=np.radians(35))  # long axis at 35 deg
+    mask[rr, cc] = NUCLEUS
+    image[rr, cc] = (90, 50, 130)
+    turned = canonical_orientation(image, mask)
+    dark = turned[..., 1] < 120
+    rows, cols = np.nonzero(dark)
+    assert np.ptp(cols) > 2.5 * np.ptp(rows)  # now wide, not tall or diagonal
