@@ -233,16 +233,20 @@ class Backbone:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray, batch_size: int = 128, progress: bool = False) -> np.ndarray:
-        """Tapped feature vectors (N, D), averaged over the rotated and mirrored views of each image."""
+    def embed(self, images: np.ndarray, views_per_batch: int = 256, progress: bool = False) -> np.ndarray:
+        """Tapped feature vectors (N, D), averaged over the rotated and mirrored views of each
+        image. All views of a chunk of images go through the network as one batch: one image's
+        16 views as 16 separate passes took 250 ms on 2 cores, as one batch a fraction of it."""
         self.model_.eval()
+        n_views = 8 * len(self.view_angles)
+        chunk = max(1, views_per_batch // n_views)
         out = []
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="embed", disable=not progress, unit="batch", leave=False):
-            x = self._prepare(images[start : start + batch_size])
-            views = [self._tap(view.contiguous(memory_format=torch.channels_last))
-                     for view in dihedral_views(x, self.view_angles)]
-            out.append(torch.stack(views).mean(0).cpu().numpy())
+        starts = range(0, len(images), chunk)
+        for start in tqdm(starts, desc="embed", disable=not progress, unit="chunk", leave=False):
+            x = self._prepare(images[start : start + chunk])
+            views = torch.cat(dihedral_views(x, self.view_angles)).contiguous(memory_format=torch.channels_last)
+            tapped = self._tap(views).view(n_views, len(x), -1)
+            out.append(tapped.mean(0).cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.feature_dim), np.float32)
 
     @property

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, measure
+from skimage import measure
 
-from atlas.segment import CYTOPLASM, NUCLEUS, REFERENCE_UM_PER_PIXEL
+from atlas.segment import CYTOPLASM, NUCLEUS, REFERENCE_UM_PER_PIXEL, lab_image
 
 FEATURE_NAMES: tuple[str, ...] = (
     "cell_area_um2",
@@ -61,7 +61,7 @@ def describe(crop: np.ndarray, mask: np.ndarray, um_per_pixel: float = REFERENCE
         float(lobe_count(nucleus)),
         nucleus.sum() / cell.sum() if cell.any() else np.nan,
     ]
-    lab = color.rgb2lab(crop)
+    lab = lab_image(crop)
     for region in (nucleus, cytoplasm):
         for stat in (np.mean, np.std):
             for channel in range(3):

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import color, filters, measure, morphology
+from skimage import filters, measure, morphology
 
 REFERENCE_UM_PER_PIXEL = 0.1  # the scale of the core design's crops
 CROP_SIZE = 256  # pixels at the reference scale: a 25.6 um field around the nucleus
@@ -100,26 +101,45 @@ class ClassicalSegmenter:
         return sorted(regions, key=lambda r: _centre_rank(r, centre))
 
     def _stained(self, image: np.ndarray) -> np.ndarray:
-        lab = color.rgb2lab(image)
+        lab = lab_image(image)
         score = lab[..., 1] - lab[..., 2]  # purple/blue stain high, cream background low
         score = filters.gaussian(score, sigma=1.5)
         return score > filters.threshold_otsu(score)
 
     def _cell_around(self, nucleus: np.ndarray, stain: np.ndarray) -> CellRegion:
         rows, cols = np.nonzero(nucleus)
-        radius = np.sqrt(nucleus.sum() / np.pi)
+        radius = np.sqrt(len(rows) / np.pi)
         # A white cell's body reaches at most ~1.8 nucleus radii (plus 2 um) from its nucleus
-        # centre; this stops the mask from flowing into touching red cells.
+        # centre; this stops the mask from flowing into touching red cells. All work happens in
+        # the window that reach allows (a smear field is much larger than one cell).
         reach = 1.8 * radius + self._px(2.0)
-        yy, xx = np.ogrid[: nucleus.shape[0], : nucleus.shape[1]]
-        near = (yy - rows.mean()) ** 2 + (xx - cols.mean()) ** 2 <= reach**2
-        body = ndimage.binary_opening(stain & near, iterations=2) | nucleus
+        centre_r, centre_c = rows.mean(), cols.mean()
+        r0 = int(max(0, min(rows.min(), centre_r - reach) - 3))
+        c0 = int(max(0, min(cols.min(), centre_c - reach) - 3))
+        r1 = int(min(nucleus.shape[0], max(rows.max() + 1, centre_r + reach + 1) + 3))
+        c1 = int(min(nucleus.shape[1], max(cols.max() + 1, centre_c + reach + 1) + 3))
+        window_nucleus = nucleus[r0:r1, c0:c1]
+        yy, xx = np.ogrid[r0:r1, c0:c1]
+        near = (yy - centre_r) ** 2 + (xx - centre_c) ** 2 <= reach**2
+        body = ndimage.binary_opening(stain[r0:r1, c0:c1] & near, iterations=2) | window_nucleus
         labels = measure.label(body)
-        keep = np.unique(labels[nucleus])
-        cell = ndimage.binary_fill_holes(np.isin(labels, keep[keep > 0]))
-        cell |= morphology.convex_hull_image(nucleus)
-        r, c = np.nonzero(cell)
-        return CellRegion(cell=cell, nucleus=nucleus & cell, bbox=(int(r.min()), int(c.min()), int(r.max()) + 1, int(c.max()) + 1))
+        keep = np.unique(labels[window_nucleus])
+        window_cell = ndimage.binary_fill_holes(np.isin(labels, keep[keep > 0]))
+        window_cell |= morphology.convex_hull_image(window_nucleus)
+        cell = np.zeros_like(nucleus)
+        cell[r0:r1, c0:c1] = window_cell
+        r, c = np.nonzero(window_cell)
+        return CellRegion(cell=cell, nucleus=nucleus & cell,
+                          bbox=(int(r.min()) + r0, int(c.min()) + c0, int(r.max()) + r0 + 1, int(c.max()) + c0 + 1))
+
+
+def lab_image(image: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* of an RGB uint8 image (L 0-100, a and b around 0), via OpenCV: about ten
+    times faster than scikit-image's float conversion, equal to it within 8-bit rounding."""
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab[..., 0] *= 100.0 / 255.0
+    lab[..., 1:] -= 128.0
+    return lab
 
 
 def _centre_rank(region: CellRegion, centre: np.ndarray) -> float:
