@@ -29,7 +29,7 @@ def run_demo(home: Path, serve: bool = True, port: int = 8000) -> int:
     answer = atlas.query_image(query, k=8)
     print(f"\nquery: a new synthetic monocyte -> predicted {answer.prediction.label} "
           f"(entropy {answer.prediction.entropy_bits:.2f} bits)")
-    print("reference cells: " + ", ".join(f"{r.label} ({r.distance:.3f})" for r in answer.references))
+    print("reference cells: " + ", ".join(f"{r.label} ({r.distance:.3g})" for r in answer.references))
     if not serve:
         return 0
     try:
