@@ -59,10 +59,13 @@ def find_duplicates(hashes: np.ndarray, fine_hashes: list[str], labels: list[str
     pairs = hamming_pairs(hashes, REVIEW_BITS)
     label_codes = _codes(labels)
     same = [(i, j, d) for i, j, d in pairs if label_codes[i] == label_codes[j]]
-    dup = [p for p in same if p[2] <= DUPLICATE_BITS
-           and fine_distance(fine_hashes[p[0]], fine_hashes[p[1]]) <= CONFIRM_BITS]
-    review = [p for p in same if p[2] == REVIEW_BITS
-              and fine_distance(fine_hashes[p[0]], fine_hashes[p[1]]) <= REVIEW_CONFIRM_BITS]
+    dup, review = [], []
+    for i, j, bits in same:
+        fine = fine_distance(fine_hashes[i], fine_hashes[j])
+        if bits <= DUPLICATE_BITS and fine <= CONFIRM_BITS:
+            dup.append((i, j, bits))
+        elif bits == REVIEW_BITS and fine <= REVIEW_CONFIRM_BITS:
+            review.append((i, j, bits))
     if dup:
         rows = np.array([p[0] for p in dup])
         cols = np.array([p[1] for p in dup])

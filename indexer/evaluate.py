@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
 from atlas.cells import prepare_cells
+from atlas.classify import entropy_bits
 from atlas.ingest import ImageReadError, IngestError, list_images, read_image_bytes
 from atlas.reference import LoadedAtlas
 from atlas.segment import CellCrop, SegmentationError, background_colour
@@ -44,7 +45,7 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     features = np.stack([q.features for q in queries])
     proba = atlas.classifier.predict_proba(np.hstack([features, latents]))
     predicted = np.array(atlas.classes)[proba.argmax(1)]
-    entropy = -(np.clip(proba, 1e-12, 1) * np.log2(np.clip(proba, 1e-12, 1))).sum(1)
+    entropy = entropy_bits(proba)
     flagged = entropy > atlas.flag_bits
     _, positions = atlas.index.search(latents, K)
     neighbour_labels = atlas.labels[positions]
