@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import threading
-import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -22,12 +21,11 @@ from PIL import Image
 from api import schemas
 from api.rle import encode_rle
 from atlas.cells import NoCellFound
-from atlas.features import FEATURE_NAMES
+from atlas.features import FEATURE_NAMES, class_ranges, load_class_ranges
 from atlas.reference import LoadedAtlas, QueryResult, UnknownCell
 from atlas.segment import CellRegion
 from atlas.store import AtlasStore
 
-RANGE_PERCENTILES = (2.0, 50.0, 98.0)
 SUSPECT_NEIGHBOURS = 8
 
 
@@ -248,11 +246,16 @@ class AtlasView:
         found.sort(key=lambda s: (-s.votes, -s.entropy_bits, s.cell_id))
         return found
 
-    def feature_ranges(self) -> dict[str, dict[str, tuple[float, float, float]]]:
-        """{feature: {class: (p2, p50, p98)}} over the archive's labelled cells."""
+    def feature_ranges(self) -> dict[str, dict[str, list[float]]]:
+        """{feature: {class: [p2, p50, p98]}} over the archive's labelled cells (with the
+        corrections of this view): the build's feature_ranges.json while no correction has
+        changed a label since the build, computed otherwise."""
         with self._lock:
             if self._feature_ranges is None:
-                self._feature_ranges = class_feature_percentiles(self.cells, self.labels, self.classes)
+                unchanged = list(self.labels) == list(self.base.labels)
+                version_dir = AtlasStore(self.base.home).versions / self.version if unchanged else None
+                self._feature_ranges = class_feature_percentiles(self.cells, self.labels, self.classes,
+                                                                 version_dir=version_dir)
         return self._feature_ranges
 
     def feature_positions(self, features: dict[str, float | None]) -> list[schemas.FeaturePosition]:
@@ -386,20 +389,17 @@ def latent_neighbours(atlas: LoadedAtlas, k: int) -> np.ndarray:
         return picked
 
 
-def class_feature_percentiles(cells, labels: np.ndarray, classes: list[str]) -> dict:
-    """{feature: {class: (p2, p50, p98)}}, NaN-aware, from the cells of each class."""
-    ranges: dict[str, dict[str, tuple[float, float, float]]] = {name: {} for name in FEATURE_NAMES}
-    values = cells[list(FEATURE_NAMES)].to_numpy(float)
-    for label in classes:
-        members = values[labels == label]
-        if len(members) == 0:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a feature that is NaN for a whole class
-            percentiles = np.nanpercentile(members, RANGE_PERCENTILES, axis=0)
-        for j, name in enumerate(FEATURE_NAMES):
-            ranges[name][label] = tuple(float(v) for v in percentiles[:, j])
-    return ranges
+def class_feature_percentiles(cells, labels: np.ndarray, classes: list[str],
+                              version_dir: Path | None = None) -> dict:
+    """{feature: {class: [p2, p50, p98]}}, NaN-aware, from the cells of each class (classes
+    with no finite value of a feature left out). With `version_dir`, the ranges the build
+    stored there (feature_ranges.json) when it has them for these features; pass it only when
+    `labels` are the labels the version was built with. Otherwise computed from `cells`."""
+    if version_dir is not None:
+        stored = load_class_ranges(Path(version_dir) / "feature_ranges.json")
+        if stored is not None:
+            return stored
+    return class_ranges(cells[list(FEATURE_NAMES)].to_numpy(float), labels, classes)
 
 
 def range_position(value: float | None, low: float, high: float) -> str | None:

@@ -22,7 +22,7 @@ from atlas.cells import PreparedCell, model_input, prepare_cells
 from atlas.classify import CellClassifier, entropy_bits
 from atlas.features import FEATURE_NAMES
 from atlas.search import LatentIndex
-from atlas.segment import CellCrop, ClassicalSegmenter
+from atlas.segment import CellCrop, version_segmenter
 from atlas.som import BatchSOM
 from atlas.store import AtlasStore
 from atlas.vae import VAE
@@ -82,7 +82,7 @@ class LoadedAtlas:
         self.classes = list(self.manifest["classes"])
         self.flag_bits = float(self.manifest["classifier"]["flag_threshold_bits"])
         self.um_per_pixel = float(self.manifest["parameters"]["um_per_pixel"])
-        self.segmenter = ClassicalSegmenter(self.um_per_pixel)
+        self.segmenter = version_segmenter(folder, self.manifest)  # the one the version was built with
         self.position = {cell_id: i for i, cell_id in enumerate(self.cells["cell_id"])}
         self.labels = self.cells["label"].to_numpy(dtype=object)
         self.nodes = self.cells[["som_row", "som_col"]].to_numpy()

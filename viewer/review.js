@@ -8,8 +8,9 @@ import { ApiError, cellImage, cellPath, fetchBlob, getJSON, postImage, postJSON,
 import { barChart, classColour, el, fill, number, swatch, toast } from "./ui.js";
 
 const KEY_FEATURES = [
-  "cell_area_um2", "nucleus_area_um2", "nucleus_to_cell_ratio", "nucleus_lobes", "cell_circularity",
-  "nucleus_circularity", "nucleus_solidity", "nucleus_mean_L", "cytoplasm_mean_L", "cytoplasm_mean_b",
+  "cell_area_um2", "nucleus_area_um2", "nucleus_to_cell_area_ratio", "nucleus_to_cytoplasm_area_ratio",
+  "nucleus_lobes", "cell_circularity", "nucleus_circularity", "nucleus_solidity", "nucleus_lab_l_mean",
+  "cytoplasm_lab_l_mean", "cytoplasm_lab_b_mean", "cytoplasm_thickness_um",
 ];
 const CELL_OUTLINE_RGB = [40, 230, 90];
 const NUCLEUS_OUTLINE_RGB = [255, 214, 0];
