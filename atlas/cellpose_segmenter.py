@@ -44,6 +44,7 @@ from scipy import ndimage
 from atlas.ingest import IMAGE_SUFFIXES, ImageReadError, read_image_bytes
 from atlas.segment import (
     CYTOPLASM,
+    MIN_NUCLEUS_AREA_UM2,
     NUCLEUS,
     REFERENCE_UM_PER_PIXEL,
     SEGMENTER_FILE,
@@ -74,20 +75,26 @@ class CellposeSegmenter:
     """Segmenter (see atlas.segment) backed by a folder from `train_segmenter`, for images at
     `um_per_pixel`.
 
-    Every white cell the network finds (at least MIN_CELL_AREA_UM2) is returned, the main cell
-    first: the one containing the image centre, else the nearest to it. Cells cut by the image
+    Every white cell the network finds (at least MIN_CELL_AREA_UM2, holding a white-cell nucleus:
+    at least MIN_NUCLEUS_AREA_UM2 of nucleus, see below) is returned, the main cell first: the
+    one containing the image centre, else the nearest to it. The nucleus test keeps what the
+    network marks in a smear field honest: a crowd of red cells or a platelet clump may look
+    like a cell body to a network trained on single-cell crops, but holds no blue chromatin. Cells cut by the image
     border are kept: a single-cell image's cell may fill the frame, and a smear field's cut
     cells are still white cells (BCCD's boxes count them); `CellRegion.bbox` against the image
     size tells who touches the border. The networks load when the segmenter is made, once per
     process (build workers forked afterwards inherit them); inference runs on the CPU."""
 
+    require_nucleus = True  # False: every cell the network finds (for comparisons)
+
     def __init__(self, model_dir: str | Path, um_per_pixel: float = REFERENCE_UM_PER_PIXEL,
-                 device: str = "cpu"):
+                 device: str = "cpu", require_nucleus: bool = True):
         if not um_per_pixel > 0:
             raise ValueError(f"um_per_pixel must be positive, got {um_per_pixel}")
         self.model_dir = Path(model_dir).resolve()
         self.um_per_pixel = float(um_per_pixel)
         self.device = device
+        self.require_nucleus = require_nucleus
         self.config = read_config(self.model_dir)
         self.name = f"cellpose-{self.config['weights_sha256'][:10]}"
         self.load()
@@ -109,7 +116,7 @@ class CellposeSegmenter:
 
     def __getstate__(self) -> dict:  # build workers get the folder, not the network
         return {"model_dir": self.model_dir, "um_per_pixel": self.um_per_pixel, "device": self.device,
-                "config": self.config, "name": self.name}
+                "config": self.config, "name": self.name, "require_nucleus": self.require_nucleus}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -121,12 +128,15 @@ class CellposeSegmenter:
             return []
         nuclei = self.nuclei(image, labels > 0)
         min_area = MIN_CELL_AREA_UM2 / self.um_per_pixel**2
+        min_nucleus = MIN_NUCLEUS_AREA_UM2 / self.um_per_pixel**2
         regions = []
         for index, box in enumerate(ndimage.find_objects(labels), start=1):
             if box is None:
                 continue
             window = labels[box] == index
             if window.sum() < min_area:
+                continue
+            if self.require_nucleus and (nuclei[box] & window).sum() < min_nucleus:
                 continue
             cell = np.zeros(labels.shape, bool)
             cell[box] = window

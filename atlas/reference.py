@@ -24,7 +24,7 @@ from atlas.features import FEATURE_NAMES
 from atlas.search import LatentIndex
 from atlas.segment import CellCrop, version_segmenter
 from atlas.som import BatchSOM
-from atlas.store import AtlasStore
+from atlas.store import AtlasNotFound, AtlasStore
 from atlas.vae import VAE
 
 METHODS = ("latent", "som")
@@ -69,6 +69,11 @@ class LoadedAtlas:
         folder = store.version_dir(version)
         self.home, self.version = Path(home), version
         self.manifest = store.manifest(version)
+        built_with = self.manifest.get("parameters", {}).get("feature_names")
+        if built_with is not None and list(built_with) != list(FEATURE_NAMES):
+            raise AtlasNotFound(
+                f"atlas version {version} in {home} was built with another set of cell features "
+                f"({len(built_with)} against {len(FEATURE_NAMES)} now); rebuild it with `cellatlas build`")
         self.cells = pd.read_parquet(folder / "cells.parquet")
         self.latents = np.load(folder / "latents.npy")
         self.index = LatentIndex.load(folder / "index.faiss")

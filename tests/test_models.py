@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from atlas.backbone import Backbone, BackboneError, dihedral_views
@@ -102,3 +103,40 @@ def test_canonical_orientation_turns_the_nucleus_long_axis_horizontal():
     dark = turned[..., 1] < 120
     rows, cols = np.nonzero(dark)
     assert np.ptp(cols) > 2.5 * np.ptp(rows)  # now wide, not tall or diagonal
+
+
+def test_vae_whitens_its_inputs_so_low_variance_detail_is_kept(tmp_path):
+    """Three strong factors and one weak one (two groups) mixed over 20 dimensions: without
+    whitening the VAE spends its latent on the strong factors and the groups are lost; with the
+    top 4 principal components whitened they weigh the same and the latent keeps the groups."""
+    rng = np.random.default_rng(0)
+    n = 200
+    mix = np.linalg.qr(rng.normal(size=(20, 20)))[0]
+    group = np.repeat([0, 1], n // 2)
+    signal = np.hstack([rng.normal(size=(n, 3)) * [10, 8, 6], (group[:, None] - 0.5)]) @ mix[:4]
+    features = (signal + rng.normal(scale=0.05, size=(n, 20))).astype(np.float32)
+    vae = VAE(latent_dim=4, epochs=30, batch_size=32, whiten_dim=4, seed=0).fit(features, progress=False)
+    assert vae.projection_.shape == (20, 4)
+    np.testing.assert_allclose(vae._inputs(features).std(0), 1.0, atol=0.05)
+    vae.save(tmp_path / "v.pt")
+    np.testing.assert_allclose(VAE.load(tmp_path / "v.pt").transform(features), vae.transform(features), atol=1e-5)
+    off = VAE(latent_dim=4, epochs=30, batch_size=32, whiten_dim=0, seed=0).fit(features, progress=False)
+    assert off.projection_ is None
+    assert _nearest_agreement(vae.transform(features), group) > 0.95
+    assert _nearest_agreement(off.transform(features), group) < 0.75
+
+
+def _nearest_agreement(points: np.ndarray, group: np.ndarray) -> float:
+    distances = ((points[:, None] - points[None]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    return float((group[distances.argmin(1)] == group).mean())
+
+
+def test_vae_saved_before_whitening_still_loads(tmp_path):
+    features = np.random.default_rng(0).normal(size=(64, 30)).astype(np.float32)
+    vae = VAE(latent_dim=5, epochs=2, batch_size=16, whiten_dim=0).fit(features, progress=False)
+    vae.save(tmp_path / "v.pt")
+    state = torch.load(tmp_path / "v.pt", weights_only=False)
+    del state["params"]["whiten_dim"], state["projection"]  # the format of the first atlases
+    torch.save(state, tmp_path / "old.pt")
+    np.testing.assert_allclose(VAE.load(tmp_path / "old.pt").transform(features), vae.transform(features), atol=1e-6)

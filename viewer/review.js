@@ -318,7 +318,7 @@ export class ReviewView {
     } }, ...classes.map((label) => el("option", { value: label, selected: label === compareWith }, label)));
     const keyTable = el("table", { class: "features" });
     const restTable = el("table", { class: "features" });
-    const key = positions.filter((p) => KEY_FEATURES.includes(p.feature));
+    const key = KEY_FEATURES.map((name) => positions.find((p) => p.feature === name)).filter(Boolean); // in KEY_FEATURES order
     const rest = positions.filter((p) => !KEY_FEATURES.includes(p.feature));
     const draw = () => {
       keyTable.replaceChildren(featureHead(), el("tbody", {}, key.map((p) => featureRow(p, compareWith, classes))));
