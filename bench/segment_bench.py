@@ -22,7 +22,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from atlas.cellpose_segmenter import evaluate_boxes, evaluate_mask_sets  # noqa: E402
+from atlas.masks import evaluate_boxes, evaluate_mask_sets  # noqa: E402
 from atlas.segment import load_segmenter  # noqa: E402
 
 DATA = REPOSITORY.parent / "shared" / "data"

@@ -260,7 +260,7 @@ def cmd_segmenter_train(args) -> int:
 
 
 def cmd_segmenter_evaluate(args) -> int:
-    from atlas.cellpose_segmenter import evaluate_boxes, evaluate_mask_sets
+    from atlas.masks import evaluate_boxes, evaluate_mask_sets
     from atlas.segment import REFERENCE_UM_PER_PIXEL, load_segmenter
 
     scales = _scales(args.um_per_pixel)

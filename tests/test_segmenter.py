@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas.cellpose_segmenter import (
-    CellposeSegmenter,
+from atlas.cellpose_segmenter import CellposeSegmenter, train_segmenter
+from atlas.cells import NoCellFound, prepare_cells
+from atlas.masks import (
     TrainingDataError,
     evaluate_boxes,
     evaluate_segmenter,
@@ -22,9 +23,7 @@ from atlas.cellpose_segmenter import (
     match_boxes,
     read_mask_sets,
     set_scales,
-    train_segmenter,
 )
-from atlas.cells import NoCellFound, prepare_cells
 from atlas.segment import CellRegion, ClassicalSegmenter, load_segmenter, version_segmenter
 from indexer.cli import main
 from tests.conftest import require_shared, tiny_config
@@ -458,7 +457,8 @@ def test_classical_segmenter_on_real_masks_and_boxes_via_cli(tmp_path, capsys):
 
 
 def test_outlines_are_redrawn_at_full_size_from_the_probability():
-    from atlas.cellpose_segmenter import dice, refine_labels, resample
+    from atlas.cellpose_segmenter import refine_labels, resample
+    from atlas.masks import dice
 
     yy, xx = np.mgrid[:120, :120]
     truth = (yy - 61.3) ** 2 + (xx - 58.7) ** 2 <= 40**2
