@@ -239,7 +239,9 @@ def _prepare_file(job):
         return f"cannot read file ({error.strerror or error})"
     try:
         image = read_image_bytes(data)
-        prepared = prepare_cells(image, segmenter, um_per_pixel)
+        # A class folder's label names the image's main cell; an unlabelled image (a smear field)
+        # gives every white cell found, each indexed as its own cell.
+        prepared = prepare_cells(image, segmenter, um_per_pixel, all_cells=label is None)
     except (ImageReadError, SegmentationError) as error:
         return str(error)
     sha = content_hash(data)

@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from atlas.segment import (
@@ -148,3 +151,33 @@ def test_small_separate_lobes_in_one_cytoplasm_are_one_cell():
 def test_a_field_of_red_cells_and_platelets_has_no_white_cell():
     image, _ = smear_field(np.random.default_rng(6), [], FIELD_PLATELETS, red_cells=80)
     assert ClassicalSegmenter(UM_PER_PX).segment(image) == []
+
+
+def test_build_indexes_every_white_cell_of_a_smear_field_with_its_source_and_box(tmp_path):
+    """The build's segment step on an unlabelled field: one row per white cell (cell_index
+    0..n-1, the main cell first), each with the source file, its box in the source image and its
+    own crop. In a class folder the label names the main cell only, so only it is indexed."""
+    from atlas.ingest import list_images
+    from atlas.store import AtlasStore
+    from indexer.build import ingest_and_prepare
+    from tests.conftest import tiny_config
+
+    image, boxes = smear_field(np.random.default_rng(0), FIELD_CELLS, FIELD_PLATELETS)
+    (tmp_path / "fields").mkdir()
+    Image.fromarray(image).save(tmp_path / "fields" / "field.png")
+    config = tiny_config(tmp_path / "fields", tmp_path / "home", um_per_pixel=UM_PER_PX)
+    cells, crops, rejections = ingest_and_prepare(list_images(tmp_path / "fields"), config, AtlasStore(tmp_path / "home"))
+    assert not rejections
+    assert sorted(cells["cell_index"]) == list(range(len(boxes)))
+    assert set(cells["source_path"].map(lambda p: Path(p).name)) == {"field.png"}
+    assert cells["cell_id"].is_unique and len(crops) == len(boxes)
+    for box in boxes:  # every true white cell is one row, with its box
+        assert max(_box_iou(box, tuple(row)) for row in cells["bbox"]) > 0.75
+    for path in cells["crop_path"]:
+        assert Path(path).exists()
+    assert cells["label"].isna().all()
+
+    (tmp_path / "labelled" / "monocyte").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "labelled" / "monocyte" / "field.png")
+    labelled, _, _ = ingest_and_prepare(list_images(tmp_path / "labelled"), config, AtlasStore(tmp_path / "home"))
+    assert list(labelled["cell_index"]) == [0] and list(labelled["label"]) == ["monocyte"]
