@@ -21,7 +21,7 @@ from PIL import Image
 from api import schemas
 from api.rle import encode_rle
 from atlas.cells import NoCellFound
-from atlas.features import FEATURE_NAMES, class_ranges, load_class_ranges
+from atlas.features import FEATURE_NAMES, RANGES_FILE, class_ranges, load_class_ranges
 from atlas.reference import LoadedAtlas, QueryResult, UnknownCell
 from atlas.segment import CellRegion
 from atlas.store import AtlasStore
@@ -396,7 +396,7 @@ def class_feature_percentiles(cells, labels: np.ndarray, classes: list[str],
     stored there (feature_ranges.json) when it has them for these features; pass it only when
     `labels` are the labels the version was built with. Otherwise computed from `cells`."""
     if version_dir is not None:
-        stored = load_class_ranges(Path(version_dir) / "feature_ranges.json")
+        stored = load_class_ranges(Path(version_dir) / RANGES_FILE)
         if stored is not None:
             return stored
     return class_ranges(cells[list(FEATURE_NAMES)].to_numpy(float), labels, classes)

@@ -49,7 +49,6 @@ from atlas.masks import (
     summary,
 )
 from atlas.segment import (
-    CYTOPLASM,
     MIN_NUCLEUS_AREA_UM2,
     NUCLEUS,
     REFERENCE_UM_PER_PIXEL,
@@ -83,9 +82,8 @@ class CellposeSegmenter:
     border are kept: a single-cell image's cell may fill the frame, and a smear field's cut
     cells are still white cells (BCCD's boxes count them); `CellRegion.bbox` against the image
     size tells who touches the border. The networks load when the segmenter is made, once per
-    process (build workers forked afterwards inherit them); inference runs on the CPU."""
-
-    require_nucleus = True  # False: every cell the network finds (for comparisons)
+    process (build workers forked afterwards inherit them); inference runs on the CPU.
+    `require_nucleus=False` returns every cell the network finds (for comparisons)."""
 
     def __init__(self, model_dir: str | Path, um_per_pixel: float = REFERENCE_UM_PER_PIXEL,
                  device: str = "cpu", require_nucleus: bool = True):
@@ -239,14 +237,6 @@ def _distance_to_centre(cell: np.ndarray) -> tuple[float, float]:
     distances = np.hypot(rows - centre_r, cols - centre_c)
     return float(distances.min()), float(np.hypot(rows.mean() - centre_r, cols.mean() - centre_c))
 
-
-def label_image(region: CellRegion | None, shape: tuple[int, int]) -> np.ndarray:
-    """A region as a label image: 255 nucleus, 128 cytoplasm, 0 background."""
-    label = np.zeros(shape, np.uint8)
-    if region is not None:
-        label[region.cell] = CYTOPLASM
-        label[region.nucleus] = NUCLEUS
-    return label
 
 def resample(array: np.ndarray, factor: float, labels: bool = False) -> np.ndarray:
     if abs(factor - 1) < 1e-6:

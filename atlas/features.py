@@ -75,6 +75,7 @@ from atlas.segment import CYTOPLASM, NUCLEUS, REFERENCE_UM_PER_PIXEL, lab_image
 
 REGIONS = ("nucleus", "cytoplasm", "cell")
 RANGE_PERCENTILES = (2.0, 50.0, 98.0)
+RANGES_FILE = "feature_ranges.json"  # in a version folder: class_ranges of its cells
 GLCM_LEVELS = 32  # fixed-width grey bins (8 grey levels each); level 0 is "outside the region"
 GLCM_DISTANCE_UM = 0.2
 GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)

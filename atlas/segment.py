@@ -61,6 +61,10 @@ class CellRegion:
     nucleus: np.ndarray
     bbox: tuple[int, int, int, int]  # row0, col0, row1, col1 (exclusive)
 
+    def label_mask(self) -> np.ndarray:
+        """The region as one uint8 label image: 255 nucleus, 128 cytoplasm, 0 background."""
+        return np.where(self.nucleus, NUCLEUS, np.where(self.cell, CYTOPLASM, 0)).astype(np.uint8)
+
     @property
     def nucleus_centre(self) -> tuple[float, float]:
         rows, cols = np.nonzero(self.nucleus if self.nucleus.any() else self.cell)
@@ -330,7 +334,7 @@ def crop_cell(
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = background_colour(image)
     mask = np.zeros((side, side), np.uint8)
-    label = np.where(region.nucleus, NUCLEUS, np.where(region.cell, CYTOPLASM, 0)).astype(np.uint8)
+    label = region.label_mask()
     sr0, sc0 = max(r0, 0), max(c0, 0)
     sr1, sc1 = min(r0 + side, image.shape[0]), min(c0 + side, image.shape[1])
     canvas[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = image[sr0:sr1, sc0:sc1]

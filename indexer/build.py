@@ -33,7 +33,7 @@ from atlas.catalog import Catalog
 from atlas.cells import model_input, prepare_cells
 from atlas.classify import DEFAULT_FLAG_BITS, CellClassifier, choose_flag_threshold, entropy_bits
 from atlas.dedup import find_duplicates
-from atlas.features import FEATURE_NAMES, save_class_ranges
+from atlas.features import FEATURE_NAMES, RANGES_FILE, save_class_ranges
 from atlas.ingest import ImageReadError, Rejection, content_hash, list_images, read_image_bytes
 from atlas.projection import umap_projection
 from atlas.search import LatentIndex
@@ -151,8 +151,7 @@ def build(config: BuildConfig) -> BuildResult:
             np.savez(staging / "som.npz", **som.to_arrays(), u_matrix=som.u_matrix(),
                      latent_mean=som_scale[0], latent_std=som_scale[1])
             cells.to_parquet(staging / "cells.parquet", index=False)
-            save_class_ranges(staging / "feature_ranges.json", cells[list(FEATURE_NAMES)].to_numpy(np.float32),
-                              cells["label"].to_numpy(dtype=object), classes)  # per-class p2/p50/p98
+            write_feature_ranges(staging, cells, classes)
             pd.DataFrame([asdict(r) for r in rejections], columns=["path", "reason"]).to_parquet(
                 staging / "rejections.parquet", index=False)
         manifest = {
@@ -190,6 +189,13 @@ def build(config: BuildConfig) -> BuildResult:
             store.discard(staging)
         catalog.update_job(job_id, state="failed", message=f"{type(error).__name__}: {error}"[:2000])
         raise
+
+
+def write_feature_ranges(folder: Path, cells: pd.DataFrame, classes: list[str]) -> None:
+    """Each class's 2nd/50th/98th feature percentiles under the cells' labels, for the viewer's
+    "this cell against its class" (builds and rebuilds)."""
+    save_class_ranges(folder / RANGES_FILE, cells[list(FEATURE_NAMES)].to_numpy(np.float32),
+                      cells["label"].to_numpy(dtype=object), classes)
 
 
 # -- step 1-3: ingest, segment, describe ----------------------------------------------------

@@ -156,7 +156,6 @@ def cmd_segment(args) -> int:
     small (the others are still segmented and reported)."""
     from PIL import Image
 
-    from atlas.cellpose_segmenter import label_image
     from atlas.ingest import ImageReadError, read_image_bytes
     from atlas.segment import (
         REFERENCE_UM_PER_PIXEL,
@@ -196,7 +195,7 @@ def cmd_segment(args) -> int:
         results.append(_segment_result(path, image, regions, segmenter, time.perf_counter() - started))
         if out and regions:
             mask_path = out / f"{Path(path).stem}.png"
-            Image.fromarray(label_image(regions[0], image.shape[:2])).save(mask_path)
+            Image.fromarray(regions[0].label_mask()).save(mask_path)
             results[-1]["mask"] = str(mask_path)
         if not args.json:
             print(_segment_text(results[-1]))

@@ -32,7 +32,6 @@ import pandas as pd
 
 from atlas import __version__
 from atlas.catalog import Catalog
-from atlas.features import FEATURE_NAMES, save_class_ranges
 from atlas.jobs import REBUILD, RebuildLock, RebuildRunning, new_job_id, settle_abandoned_rebuilds
 from atlas.store import AtlasNotFound, AtlasStore
 from indexer.build import (
@@ -42,6 +41,7 @@ from indexer.build import (
     deduplicate,
     default_threads,
     train_classifier,
+    write_feature_ranges,
 )
 
 STEPS = ("load", "relabel", "deduplicate", "classify", "write", "publish")
@@ -158,8 +158,7 @@ class _Rebuild:
             self.pause_for_tests("write-midway")
             classifier.save(staging / "models" / "classifier.json")
             cells.to_parquet(staging / "cells.parquet", index=False)
-            save_class_ranges(staging / "feature_ranges.json", cells[list(FEATURE_NAMES)].to_numpy(np.float32),
-                              cells["label"].to_numpy(dtype=object), classes)  # ranges under the new labels
+            write_feature_ranges(staging, cells, classes)  # under the corrected labels
             self.step("publish")
             self.timings["total"] = round(time.perf_counter() - started, 2)
             return self.store.publish(staging, self.manifest(cells, classes, corrections, duplicates,
