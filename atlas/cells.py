@@ -6,6 +6,7 @@ image), so an archived cell and a query cell are prepared identically.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ class PreparedCell:
     features: np.ndarray
     ahash: int
     fine_hash: str
+    segment_ms: float  # segmenting the source image, divided among the cells kept
 
 
 def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
@@ -42,7 +44,9 @@ def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
     """The main cell of `image` (or every cell, for smear fields), ready to embed.
     Raises SegmentationError (or NoCellFound) with a clear reason."""
     check_image(image)
+    started = time.perf_counter()
     regions = segmenter.segment(image)
+    segment_ms = 1000 * (time.perf_counter() - started)
     if not regions:
         raise NoCellFound("no white cell found in the image")
     if not all_cells:
@@ -51,7 +55,8 @@ def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
     for index, region in enumerate(regions):
         crop = crop_cell(image, region, um_per_pixel)
         prepared.append(PreparedCell(index, crop, describe(crop.image, crop.mask),
-                                     average_hash(crop.image), fine_hash(crop.image)))
+                                     average_hash(crop.image), fine_hash(crop.image),
+                                     segment_ms / len(regions)))
     return prepared
 
 

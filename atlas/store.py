@@ -12,6 +12,8 @@ replaced (write a temporary file, fsync, rename). A crash leaves the live versio
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+PUBLISH_LOCK = ".publish.lock"
 
 
 class AtlasNotFound(FileNotFoundError):
@@ -76,15 +79,18 @@ class AtlasStore:
         return staging
 
     def publish(self, staging: Path, manifest: dict) -> str:
-        """Move a finished staging folder into place as the next version and make it live."""
-        existing = [int(v) for v in self.list_versions()]
-        # Also skip numbers of half-renamed folders (no manifest): never reuse a directory.
-        existing += [int(p.name) for p in self.versions.iterdir() if p.name.isdigit()]
-        version = f"{max(existing, default=0) + 1:06d}"
-        manifest = {**manifest, "version": version}
-        _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable))
-        os.replace(staging, self.versions / version)
-        _write_atomic(self.home / "current", version + "\n")
+        """Move a finished staging folder into place as the next version and make it live.
+        Jobs publishing at the same time (a build and a rebuild of one home) take turns
+        (PUBLISH_LOCK), so that each gets its own number."""
+        with _exclusive(self.home / PUBLISH_LOCK):
+            existing = [int(v) for v in self.list_versions()]
+            # Also skip numbers of half-renamed folders (no manifest): never reuse a directory.
+            existing += [int(p.name) for p in self.versions.iterdir() if p.name.isdigit()]
+            version = f"{max(existing, default=0) + 1:06d}"
+            manifest = {**manifest, "version": version}
+            _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable))
+            os.replace(staging, self.versions / version)
+            _write_atomic(self.home / "current", version + "\n")
         return version
 
     def discard(self, staging: Path) -> None:
@@ -97,6 +103,17 @@ class AtlasStore:
         for path in self.versions.glob(".staging-*"):
             if time.time() - path.stat().st_mtime > older_than_s:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive advisory lock on `path` (created if missing) while the block runs."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_atomic(path: Path, text: str) -> None:

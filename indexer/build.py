@@ -165,7 +165,8 @@ def build(config: BuildConfig) -> BuildResult:
                            "segmenter": str(Path(config.segmenter).resolve()) if config.segmenter else "classical",
                            "crop_size": 256, "feature_names": list(FEATURE_NAMES)},
             "segmenter": {"kind": "cellpose" if config.segmenter else "classical", "name": segmenter.name,
-                          "path": SEGMENTER_DIR if config.segmenter else None},
+                          "path": SEGMENTER_DIR if config.segmenter else None,
+                          "ms_per_cell": round(float(cells["segment_ms"].mean()), 1)},
             "classes": classes,
             "counts_by_class": {str(k): int(v) for k, v in cells["label"].value_counts(dropna=False).items()},
             "corrections": corrections,
@@ -262,7 +263,7 @@ def _prepare_file(job):
         r0, c0, r1, c1 = cell.crop.bbox
         row = {"cell_id": cell_id, "source_path": path, "source_sha256": sha, "cell_index": cell.index,
                "label": label, "bbox": [r0, c0, r1, c1], "crop_path": str(crop_path),
-               "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash,
+               "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash, "segment_ms": round(cell.segment_ms, 2),
                **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
         out.append((row, model_input([cell.crop], input_size)[0]))
     return out
@@ -391,6 +392,7 @@ def summary(version: str, manifest: dict) -> str:
         f"Atlas version {version} published",
         f"  images          {inputs['image_files']} files, {inputs['cells']} cells, {inputs['rejected']} rejected",
         f"  classes         {', '.join(f'{k} {v}' for k, v in manifest['counts_by_class'].items())}",
+        f"  segmenter       {manifest['segmenter']['name']}, {manifest['segmenter']['ms_per_cell']:.0f} ms per cell",
         f"  duplicates      {manifest['duplicates']['cells_in_duplicate_groups']} cells in "
         f"{manifest['duplicates']['groups_with_duplicates']} groups; "
         f"{manifest['duplicates']['pairs_to_review_total']} pairs at 3 bits to review",

@@ -134,3 +134,26 @@ def _png(array) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_jobs_publishing_at_once_take_turns_and_get_their_own_numbers(tmp_path):
+    """A build and a rebuild of one home may finish together: publishing waits for the other."""
+    import fcntl
+    import threading
+
+    from atlas.store import PUBLISH_LOCK
+
+    store = AtlasStore(tmp_path / "home")
+    first, second = store.new_staging("a"), store.new_staging("b")
+    assert store.publish(first, {"job": "a"}) == "000001"
+    published = []
+    with open(store.home / PUBLISH_LOCK, "a") as held:  # another job is publishing
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: published.append(store.publish(second, {"job": "b"})))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and published == [] and second.exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiting.join(timeout=10)
+    assert published == ["000002"] and store.current_version() == "000002"
+    assert store.manifest("000002")["job"] == "b" and store.manifest("000001")["job"] == "a"

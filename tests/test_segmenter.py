@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -205,6 +206,35 @@ def test_image_without_cells_gives_no_regions_and_prepare_reports_it(trained, mo
     assert segmenter.segment(blank) == []
     with pytest.raises(NoCellFound, match="no white cell"):
         prepare_cells(blank, segmenter, 0.5)
+
+
+def test_cells_the_network_misses_come_from_the_classical_fallback(trained, monkeypatch):
+    out, _ = trained
+    image, mask = disc_cell(np.random.default_rng(3), size=96, radius=24)  # 0.5 um/px: a 24 um cell
+    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: np.zeros(img.shape[:2], np.int32))
+    assert CellposeSegmenter(out, um_per_pixel=0.5, fallback=False).segment(image) == []
+    (found,) = CellposeSegmenter(out, um_per_pixel=0.5).segment(image)
+    classical = ClassicalSegmenter(0.5).segment(image)[0]
+    assert np.array_equal(found.cell, classical.cell) and np.array_equal(found.nucleus, classical.nucleus)
+    assert found.bbox == classical.bbox
+    assert (found.nucleus & (mask == 255)).sum() / (found.nucleus | (mask == 255)).sum() > 0.85
+
+
+def test_the_coarse_pass_adds_only_cells_the_first_pass_missed(trained, monkeypatch):
+    out, _ = trained
+    yy, xx = np.mgrid[:100, :200]
+    first = np.zeros((100, 200), np.int32)
+    first[(yy - 50) ** 2 + (xx - 50) ** 2 <= 20**2] = 1
+    coarse = np.zeros((100, 200), np.int32)
+    coarse[(yy - 50) ** 2 + (xx - 52) ** 2 <= 22**2] = 1  # the same cell, a little larger
+    coarse[(yy - 50) ** 2 + (xx - 150) ** 2 <= 30**2] = 2  # a large cell the first pass lost
+    segmenter = CellposeSegmenter(out, um_per_pixel=0.5)
+    monkeypatch.setattr(CellposeSegmenter, "_labels_at",
+                        lambda self, img, rescale: (first if rescale == self._rescale else coarse).copy())
+    labels = segmenter.cell_labels(np.zeros((100, 200, 3), np.uint8))
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert np.array_equal(labels == 1, first == 1)  # the first pass's outline is kept
+    assert np.array_equal(labels == 2, coarse == 2)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -404,7 +434,9 @@ def test_build_copies_the_segmenter_into_the_version_and_queries_use_it(trained,
     result = build(tiny_config(synthetic_images, home, segmenter=str(model), epochs=1, vae_epochs=2, som_epochs=2))
     manifest = result.manifest
     name = "cellpose-" + config["weights_sha256"][:10]
-    assert manifest["segmenter"] == {"kind": "cellpose", "name": name, "path": "models/segmenter"}
+    assert manifest["segmenter"] == {"kind": "cellpose", "name": name, "path": "models/segmenter",
+                                     "ms_per_cell": manifest["segmenter"]["ms_per_cell"]}
+    assert manifest["segmenter"]["ms_per_cell"] > 0
     copy = result.version_dir / "models" / "segmenter"
     assert (copy / "cell.pt").read_bytes() == (model / "cell.pt").read_bytes()
     assert (home / "crops" / name).is_dir()
@@ -420,7 +452,11 @@ def test_build_copies_the_segmenter_into_the_version_and_queries_use_it(trained,
 
 def test_classical_build_records_its_segmenter(built_atlas):
     _, result = built_atlas
-    assert result.manifest["segmenter"] == {"kind": "classical", "name": "classical", "path": None}
+    segmenter = result.manifest["segmenter"]
+    assert segmenter == {"kind": "classical", "name": "classical", "path": None, "ms_per_cell": segmenter["ms_per_cell"]}
+    # the time to segment each cell's source image, divided among its cells, and their mean
+    times = pd.read_parquet(result.version_dir / "cells.parquet")["segment_ms"]
+    assert (times > 0).all() and segmenter["ms_per_cell"] == pytest.approx(times.mean(), abs=0.1)
     assert result.manifest["parameters"]["segmenter"] == "classical"
 
 
