@@ -505,3 +505,22 @@ def test_outlines_are_redrawn_at_full_size_from_the_probability():
     refined = refine_labels(blocky, probability, reach=1 / factor)
     assert set(np.unique(refined)) == {0, 1}
     assert dice(refined > 0, truth) > 0.99 > dice(blocky > 0, truth) + 0.01
+
+
+def test_a_lobe_cut_by_the_network_outline_goes_whole_to_the_cell_holding_most_of_it():
+    from atlas.cellpose_segmenter import give_lobes_whole
+
+    labels = np.zeros((60, 100), np.int32)
+    labels[10:50, 10:45] = 1
+    labels[10:50, 55:90] = 2
+    lobes = np.zeros((60, 100), bool)
+    lobes[15:25, 35:47] = True  # 10 of 12 columns in cell 1, 2 outside
+    lobes[30:38, 52:62] = True  # 7 of 10 columns in cell 2, 3 outside
+    lobes[42:46, 40:60] = True  # 5 columns in each cell, 10 between: no cell holds half
+    lobes[2:8, 92:98] = True  # in no cell
+    given = give_lobes_whole(labels, lobes)
+    assert (given[15:25, 35:47] == 1).all() and (given[30:38, 52:62] == 2).all()
+    assert np.array_equal(given[42:46], labels[42:46]) and (given[2:8, 92:98] == 0).all()
+    outside_lobes = ~lobes
+    assert np.array_equal(given[outside_lobes], labels[outside_lobes])
+    assert not np.shares_memory(given, labels)
