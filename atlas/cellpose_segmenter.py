@@ -166,6 +166,8 @@ class CellposeSegmenter:
             if found[region.nucleus].mean() >= 0.5:
                 continue
             cell = region.cell & ~found
+            if not cell.any():
+                continue
             rows, cols = np.nonzero(cell)
             missed.append(CellRegion(cell=cell, nucleus=region.nucleus & cell,
                                      bbox=(rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)))
