@@ -154,9 +154,17 @@ class CellposeSegmenter:
             rows, cols = box
             regions.append(CellRegion(cell=cell, nucleus=nuclei & cell,
                                       bbox=(rows.start, cols.start, rows.stop, cols.stop)))
-        if self.fallback:
+        if self.fallback and self._fallback_may_add(labels, nuclei):
             regions += self._missed_cells(image, labels > 0)
         return sorted(regions, key=lambda r: _distance_to_centre(r.cell))
+
+    def _fallback_may_add(self, labels: np.ndarray, nuclei: np.ndarray) -> bool:
+        """False when the fallback cannot add a cell: the classical segmenter's nuclei are made of
+        `find_nuclei`'s lobes, so when `nuclei` are those lobes and all lie in network cells, every
+        classical nucleus is covered. Skipping it saves ~20 of ~300 ms per single-cell image."""
+        if self.config.get("nucleus") == "cellpose" or not labels.any():
+            return True
+        return bool((nuclei & (labels == 0)).any())
 
     def _missed_cells(self, image: np.ndarray, found: np.ndarray) -> list[CellRegion]:
         """The classical segmenter's cells whose nucleus the network's cells leave (mostly)

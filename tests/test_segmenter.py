@@ -194,6 +194,9 @@ def test_network_cells_without_a_white_cell_nucleus_are_dropped(trained, monkeyp
     monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: labels)
     regions = CellposeSegmenter(out, um_per_pixel=0.5).segment(image)
     assert len(regions) == 1 and regions[0].cell.sum() == white.sum()
+    # every nucleus lobe lies in a network cell: the classical fallback is not even run
+    monkeypatch.setattr(ClassicalSegmenter, "segment", lambda self, img: pytest.fail("fallback ran"))
+    assert len(CellposeSegmenter(out, um_per_pixel=0.5).segment(image)) == 1
     everything = CellposeSegmenter(out, um_per_pixel=0.5, require_nucleus=False).segment(image)
     assert len(everything) == 3
 
