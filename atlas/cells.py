@@ -45,12 +45,10 @@ def prepare_cells(image: np.ndarray, segmenter: Segmenter, um_per_pixel: float,
     Raises SegmentationError (or NoCellFound) with a clear reason."""
     check_image(image)
     started = time.perf_counter()
-    regions = segmenter.segment(image)
+    regions = segmenter.segment(image, main_only=not all_cells)
     segment_ms = 1000 * (time.perf_counter() - started)
     if not regions:
         raise NoCellFound("no white cell found in the image")
-    if not all_cells:
-        regions = regions[:1]
     prepared = []
     for index, region in enumerate(regions):
         crop = crop_cell(image, region, um_per_pixel)

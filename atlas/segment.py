@@ -84,8 +84,9 @@ class Segmenter(Protocol):
     name: str
     um_per_pixel: float
 
-    def segment(self, image: np.ndarray) -> list[CellRegion]:
-        """All white cells in an RGB uint8 image, the one nearest the centre first."""
+    def segment(self, image: np.ndarray, main_only: bool = False) -> list[CellRegion]:
+        """All white cells in an RGB uint8 image, the one nearest the centre first; with
+        `main_only`, that one alone (a segmenter may then skip work)."""
         ...
 
 
@@ -110,7 +111,7 @@ class ClassicalSegmenter:
     def _px(self, um: float) -> float:
         return um / self.um_per_pixel
 
-    def segment(self, image: np.ndarray) -> list[CellRegion]:
+    def segment(self, image: np.ndarray, main_only: bool = False) -> list[CellRegion]:
         check_image(image)
         lab = lab_image(image)
         glass = glass_lab(image)
@@ -133,7 +134,8 @@ class ClassicalSegmenter:
             if box is not None:
                 regions.append(self._cell_around(nuclei, index, body))
         centre = np.array(image.shape[:2]) / 2
-        return sorted(regions, key=lambda r: _centre_rank(r, centre))
+        regions.sort(key=lambda r: _centre_rank(r, centre))
+        return regions[:1] if main_only else regions
 
     def _reach(self, area_px: float) -> float:
         return REACH_NUCLEUS_RADII * np.sqrt(area_px / np.pi) + self._px(REACH_UM)

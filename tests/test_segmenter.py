@@ -86,8 +86,9 @@ class StubSegmenter:
     def __init__(self, regions_for, um_per_pixel: float = 0.5):
         self.regions_for, self.um_per_pixel = regions_for, um_per_pixel
 
-    def segment(self, image):
-        return self.regions_for(image)
+    def segment(self, image, main_only=False):
+        regions = self.regions_for(image)
+        return regions[:1] if main_only else regions
 
 
 def region(cell: np.ndarray, nucleus: np.ndarray) -> CellRegion:
@@ -163,7 +164,7 @@ def test_cells_come_main_first_with_classical_nuclei_and_small_ones_dropped(trai
         image[disc & ((yy - cy) ** 2 + (xx - cx) ** 2 <= (r / 2) ** 2)] = NUCLEUS_RGB
     labels[5:7, 150:152] = 3
     image = (image + rng.normal(0, 2, image.shape)).clip(0, 255).astype(np.uint8)
-    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: labels)
+    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img, first=None: labels)
     regions = CellposeSegmenter(out, um_per_pixel=0.5).segment(image)
     assert len(regions) == 2  # the speck is 1 um^2
     main, cut = regions
@@ -191,7 +192,7 @@ def test_network_cells_without_a_white_cell_nucleus_are_dropped(trained, monkeyp
     platelet = (yy - 10) ** 2 + (xx - 150) ** 2 <= 3**2  # 7 um^2 of chromatin-blue: too small
     image[platelet] = NUCLEUS_RGB
     labels[(yy - 10) ** 2 + (xx - 150) ** 2 <= 6**2] = 3  # 28 um^2: passes the size test alone
-    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: labels)
+    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img, first=None: labels)
     regions = CellposeSegmenter(out, um_per_pixel=0.5).segment(image)
     assert len(regions) == 1 and regions[0].cell.sum() == white.sum()
     # every nucleus lobe lies in a network cell: the classical fallback is not even run
@@ -203,7 +204,7 @@ def test_network_cells_without_a_white_cell_nucleus_are_dropped(trained, monkeyp
 
 def test_image_without_cells_gives_no_regions_and_prepare_reports_it(trained, monkeypatch):
     out, _ = trained
-    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: np.zeros(img.shape[:2], np.int32))
+    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img, first=None: np.zeros(img.shape[:2], np.int32))
     segmenter = CellposeSegmenter(out, um_per_pixel=0.5)
     blank = np.full((64, 64, 3), 230, np.uint8)
     assert segmenter.segment(blank) == []
@@ -214,13 +215,55 @@ def test_image_without_cells_gives_no_regions_and_prepare_reports_it(trained, mo
 def test_cells_the_network_misses_come_from_the_classical_fallback(trained, monkeypatch):
     out, _ = trained
     image, mask = disc_cell(np.random.default_rng(3), size=96, radius=24)  # 0.5 um/px: a 24 um cell
-    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img: np.zeros(img.shape[:2], np.int32))
+    monkeypatch.setattr(CellposeSegmenter, "cell_labels", lambda self, img, first=None: np.zeros(img.shape[:2], np.int32))
     assert CellposeSegmenter(out, um_per_pixel=0.5, fallback=False).segment(image) == []
     (found,) = CellposeSegmenter(out, um_per_pixel=0.5).segment(image)
     classical = ClassicalSegmenter(0.5).segment(image)[0]
     assert np.array_equal(found.cell, classical.cell) and np.array_equal(found.nucleus, classical.nucleus)
     assert found.bbox == classical.bbox
     assert (found.nucleus & (mask == 255)).sum() / (found.nucleus | (mask == 255)).sum() > 0.85
+
+
+def test_main_only_skips_the_coarse_pass_when_the_first_pass_holds_the_centre(trained, monkeypatch):
+    out, _ = trained
+    image = np.empty((100, 200, 3), np.uint8)
+    image[:] = BACKGROUND
+    yy, xx = np.mgrid[:100, :200]
+    first, coarse = np.zeros((100, 200), np.int32), np.zeros((100, 200), np.int32)
+    for cy, cx, r, labels, label in ((50, 100, 20, first, 1), (50, 30, 15, first, 2), (50, 165, 25, coarse, 1)):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        labels[disc], image[disc] = label, CYTOPLASM_RGB
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= (r / 2) ** 2] = NUCLEUS_RGB
+    passes = []
+
+    def labels_at(self, img, rescale):
+        passes.append("first" if rescale == self._rescale else "coarse")
+        return (first if rescale == self._rescale else coarse).copy()
+
+    monkeypatch.setattr(CellposeSegmenter, "_labels_at", labels_at)
+    segmenter = CellposeSegmenter(out, um_per_pixel=0.5)
+    everything = segmenter.segment(image)
+    assert len(everything) == 3 and passes == ["first", "coarse"]
+    passes.clear()
+    (main,) = segmenter.segment(image, main_only=True)
+    assert passes == ["first"]
+    assert np.array_equal(main.cell, everything[0].cell) and main.cell[50, 100]
+    assert np.array_equal(main.nucleus, everything[0].nucleus) and main.bbox == everything[0].bbox
+
+    # no cell at the centre: the full path, and its main cell (the coarse pass's, nearer)
+    first[first == 1] = 0
+    image[(yy - 50) ** 2 + (xx - 100) ** 2 <= 20**2] = BACKGROUND
+    everything = segmenter.segment(image)
+    passes.clear()
+    (main,) = segmenter.segment(image, main_only=True)
+    assert passes == ["first", "coarse"]
+    assert np.array_equal(main.cell, everything[0].cell) and main.cell[50, 165]
+    # a cell at the centre without a white cell's nucleus is not the main cell either
+    first[(yy - 50) ** 2 + (xx - 100) ** 2 <= 20**2] = 3
+    image[(yy - 50) ** 2 + (xx - 100) ** 2 <= 20**2] = CYTOPLASM_RGB
+    passes.clear()
+    (main,) = segmenter.segment(image, main_only=True)
+    assert passes == ["first", "coarse"] and main.cell[50, 165]
 
 
 def test_the_coarse_pass_adds_only_cells_the_first_pass_missed(trained, monkeypatch):
@@ -416,8 +459,8 @@ def test_cli_segment_reports_cells_no_cells_and_unreadable_files(tmp_path, capsy
 
 
 # -- in an atlas version ---------------------------------------------------------------------------
-def classical_cells(self, image):
-    """Stands in for the network in builds: the classical segmenter's cells as labels."""
+def classical_cells(self, image, rescale):
+    """Stands in for the network in builds (both passes): the classical segmenter's cells as labels."""
     labels = np.zeros(image.shape[:2], np.int32)
     for index, found in enumerate(ClassicalSegmenter(self.um_per_pixel).segment(image), start=1):
         labels[found.cell & (labels == 0)] = index
@@ -432,7 +475,7 @@ def test_build_copies_the_segmenter_into_the_version_and_queries_use_it(trained,
 
     trained_dir, config = trained
     model = shutil.copytree(trained_dir, tmp_path / "model")
-    monkeypatch.setattr(CellposeSegmenter, "cell_labels", classical_cells)  # workers are forked
+    monkeypatch.setattr(CellposeSegmenter, "_labels_at", classical_cells)  # workers are forked
     home = tmp_path / "atlas"
     result = build(tiny_config(synthetic_images, home, segmenter=str(model), epochs=1, vae_epochs=2, som_epochs=2))
     manifest = result.manifest
