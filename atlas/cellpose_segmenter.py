@@ -202,7 +202,7 @@ class CellposeSegmenter:
                 continue
             rows, cols = np.nonzero(cell)
             missed.append(CellRegion(cell=cell, nucleus=region.nucleus & cell,
-                                     bbox=(rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)))
+                                     bbox=(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)))
         return missed
 
     def cell_labels(self, image: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:

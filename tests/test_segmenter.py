@@ -221,6 +221,7 @@ def test_cells_the_network_misses_come_from_the_classical_fallback(trained, monk
     classical = ClassicalSegmenter(0.5).segment(image)[0]
     assert np.array_equal(found.cell, classical.cell) and np.array_equal(found.nucleus, classical.nucleus)
     assert found.bbox == classical.bbox
+    assert all(type(v) is int for v in found.bbox)  # plain ints: `segment --json` and the API write them
     assert (found.nucleus & (mask == 255)).sum() / (found.nucleus | (mask == 255)).sum() > 0.85
 
 
