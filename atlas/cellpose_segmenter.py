@@ -138,28 +138,24 @@ class CellposeSegmenter:
         single-cell image) when the first pass holds a white cell at the image centre: that cell
         is the main one either way, for they only add cells where no first-pass cell lies."""
         check_image(image)
-        first = self._labels_at(image, self._rescale) if main_only else None
-        if first is not None and (main := self._centre_cell(image, first)):
-            return [main]
+        first = nuclei = None  # the first pass's labels and the lobes, once made
+        if main_only:
+            first = self._labels_at(image, self._rescale)
+            centre = first[image.shape[0] // 2, image.shape[1] // 2]
+            if centre:
+                nuclei = self.nuclei(image)
+                main = self._regions(np.where(give_lobes_whole(first, nuclei) == centre, 1, 0), nuclei)
+                if main:
+                    return main
         labels = self.cell_labels(image, first)
-        nuclei = np.zeros(labels.shape, bool)
-        if labels.any():
-            nuclei = self.nuclei(image)
-            labels = give_lobes_whole(labels, nuclei)
+        if nuclei is None:
+            nuclei = self.nuclei(image) if labels.any() else np.zeros(labels.shape, bool)
+        labels = give_lobes_whole(labels, nuclei)
         regions = self._regions(labels, nuclei)
         if self.fallback and self._fallback_may_add(labels, nuclei):
             regions += self._missed_cells(image, labels > 0)
         regions.sort(key=lambda r: _distance_to_centre(r.cell))
         return regions[:1] if main_only else regions
-
-    def _centre_cell(self, image: np.ndarray, labels: np.ndarray) -> CellRegion | None:
-        """The cell at the image centre, if it is a white cell."""
-        centre = labels[image.shape[0] // 2, image.shape[1] // 2]
-        if not centre:
-            return None
-        nuclei = self.nuclei(image)
-        regions = self._regions(np.where(give_lobes_whole(labels, nuclei) == centre, 1, 0), nuclei)
-        return regions[0] if regions else None
 
     def _regions(self, labels: np.ndarray, nuclei: np.ndarray) -> list[CellRegion]:
         """A region per labelled cell big enough to be a white cell (and, with `require_nucleus`,
