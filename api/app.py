@@ -7,7 +7,6 @@ key (`Authorization: Bearer <token>`) unless `open_access=True`.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,10 +18,9 @@ from fastapi.staticfiles import StaticFiles
 
 import atlas
 from api import schemas
-from api.deps import ApiState, Settings, UploadTooLarge, require
+from api.deps import ApiState, UploadTooLarge, require
 from api.jobs import RebuildAlreadyRunning, UnknownJob
 from api.metrics import MetricsMiddleware
-from api.queries import InvalidValue, MissingCrop, UnknownNode
 from api.routes import (
     atlas_map,
     cells,
@@ -35,9 +33,11 @@ from api.routes import (
     segment,
     viewer_support,
 )
+from api.settings import Settings
+from api.views import InvalidValue, MissingCrop, UnknownNode
+from atlas.cell import SegmentationError
 from atlas.ingest import ImageReadError
 from atlas.reference import UnknownCell
-from atlas.segment import SegmentationError
 from atlas.store import AtlasNotFound
 
 log = logging.getLogger("cellatlas.api")
@@ -55,11 +55,9 @@ VIEWER_DIR = Path(__file__).resolve().parents[1] / "viewer"
 
 def create_app(home: Path | str, open_access: bool = False, settings: Settings | None = None) -> FastAPI:
     """The app serving ATLAS_HOME `home`. `settings`, when given, replaces every default
-    (home and open_access included); otherwise limits come from the environment
-    (CELLATLAS_MAX_UPLOAD_MB)."""
-    settings = settings or Settings(
-        home=Path(home), open_access=open_access,
-        max_upload_bytes=int(float(os.environ.get("CELLATLAS_MAX_UPLOAD_MB", "20")) * 1024 * 1024))
+    (home and open_access included); otherwise they come from the environment
+    (`Settings.from_environment`)."""
+    settings = settings or Settings.from_environment(home, open_access)
     state = ApiState(settings)
 
     @asynccontextmanager

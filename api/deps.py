@@ -1,5 +1,5 @@
-"""What routes share, injected with `Depends`: settings, the live atlas (reloaded when
-ATLAS_HOME/current changes), the corrections log, the caller's key and role, uploaded images."""
+"""What routes share, injected with `Depends`: the live atlas (reloaded when ATLAS_HOME/current
+changes), the corrections log, the caller's key and role, uploaded images."""
 
 from __future__ import annotations
 
@@ -15,26 +15,17 @@ from fastapi import Depends, File, HTTPException, Request, UploadFile, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import schemas
-from api.auth import OPEN_ACCESS, KeyVerifier, Principal, ensure_schema
+from api.auth import OPEN_ACCESS, KeyVerifier, Principal
 from api.jobs import RebuildLauncher
 from api.metrics import RequestMetrics
-from api.queries import AtlasView
+from api.settings import Settings
+from api.views import AtlasView
 from atlas.catalog import Catalog
 from atlas.ingest import content_hash, read_image_bytes
 from atlas.reference import LoadedAtlas
 from atlas.store import AtlasNotFound, AtlasStore
 
 log = logging.getLogger("cellatlas.api")
-
-
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    open_access: bool = False
-    max_upload_bytes: int = 20 * 1024 * 1024
-    pointer_check_s: float = 1.0  # how often ATLAS_HOME/current is looked at, at most
-    corrections_refresh_s: float = 1.0  # how stale corrections made by other processes may be
-    key_cache_s: float = 10.0  # how long a verified key is trusted without the catalogue
 
 
 class LiveAtlas:
@@ -127,8 +118,7 @@ class ApiState:
         self.corrections = CorrectionLog(self.catalog, settings.corrections_refresh_s)
         self.rebuilds = RebuildLauncher(settings.home, self.catalog)
         self.metrics = RequestMetrics()
-        ensure_schema(self.catalog.connect)
-        self.keys = KeyVerifier(lambda: self.catalog.connect(read_only=True), settings.key_cache_s)
+        self.keys = KeyVerifier(self.catalog, settings.key_cache_s)
         self._view: AtlasView | None = None
         self._view_lock = threading.Lock()
 

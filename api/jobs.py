@@ -1,6 +1,6 @@
-"""Rebuild jobs started from the API: each runs as its own process (`python -m indexer.rebuild`),
-so that a long rebuild neither blocks requests nor dies with the server, and reports its
-progress in the catalogue's jobs table, which the API reads back."""
+"""Rebuild jobs started from the API: each runs as its own process (`cellatlas rebuild`, the
+installed command), so that a long rebuild neither blocks requests nor dies with the server,
+and reports its progress in the catalogue's jobs table, which the API reads back."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from atlas.jobs import REBUILD, RebuildLock, RebuildRunning, new_job_id, settle_
 from atlas.store import AtlasStore
 
 log = logging.getLogger("cellatlas.api")
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 class UnknownJob(LookupError):
@@ -53,10 +51,7 @@ class RebuildLauncher:
             self.catalog.start_job(job_id, REBUILD)
             self.catalog.update_job(job_id, progress={"step": "starting", "done": 0,
                                                       "retrain_backbone": retrain_backbone})
-            command = [sys.executable, "-m", "indexer.rebuild", "--home", str(self.home), "--job-id", job_id,
-                       "--lock-fd", str(lock.fileno())]
-            if retrain_backbone:
-                command.append("--retrain-backbone")
+            command = rebuild_command(self.home, job_id, lock.fileno(), retrain_backbone)
             log_path = self.home / "logs" / f"{job_id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -66,7 +61,8 @@ class RebuildLauncher:
                         pass_fds=(lock.fileno(),), env=_child_environment(),
                         start_new_session=True)  # a rebuild outlives a server stopped with Ctrl-C
             except OSError as error:
-                self.catalog.update_job(job_id, state="failed", message=f"cannot start the rebuild process: {error}")
+                self.catalog.update_job(job_id, state="failed",
+                                        message=f"cannot start the rebuild process: {error}")
                 raise
         finally:
             lock.release()  # the child holds it now (or nobody does, if it could not start)
@@ -88,12 +84,21 @@ class RebuildLauncher:
         return self.catalog.jobs(kind=REBUILD, limit=limit)
 
 
+def rebuild_command(home: Path, job_id: str, lock_fd: int, retrain_backbone: bool) -> list[str]:
+    """`cellatlas rebuild` for this job: the `cellatlas` script installed beside this Python
+    (`python -m indexer.cli` only where the script is missing, e.g. a checkout run in place),
+    reporting to the job's row and holding the lock handed over as `lock_fd`."""
+    script = Path(sys.executable).parent / "cellatlas"
+    program = [str(script)] if script.is_file() else [sys.executable, "-m", "indexer.cli"]
+    return [*program, "rebuild", "--home", str(home), "--job-id", job_id, "--lock-fd", str(lock_fd),
+            *(["--retrain-backbone"] if retrain_backbone else [])]
+
+
 def _child_environment() -> dict[str, str]:
-    """This environment, with the repository importable when it is not installed, and OpenMP
-    threads that sleep rather than spin while they wait: the rebuild shares the cores with this
-    server, and spinning XGBoost threads made its classifier step 10-60x slower on 2 busy cores
-    (measured: 7-32 s instead of 1 s on the test atlas)."""
+    """This environment, with OpenMP threads that sleep rather than spin while they wait: the
+    rebuild shares the cores with this server, and spinning XGBoost threads made its
+    classifier step 10-60x slower on 2 busy cores (measured: 7-32 s instead of 1 s on the test
+    atlas)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env

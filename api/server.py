@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from api import auth
 from atlas.catalog import Catalog
 
 
@@ -25,9 +24,9 @@ def run(home: str, host: str = "127.0.0.1", port: int = 8000, open_access: bool 
 
 def create_key(home: str, name: str, role: str) -> str:
     """A new API key for `name` with `role`; the token is returned once and never stored."""
-    return auth.create_key(Catalog(home).connect, name, role)
+    return Catalog(home).create_key(name, role)
 
 
 def revoke_key(home: str, name: str) -> int:
     """Revoke the active key(s) named `name`; running servers stop accepting it within 10 s."""
-    return auth.revoke_key(Catalog(home).connect, name)
+    return Catalog(home).revoke_key(name)

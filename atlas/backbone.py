@@ -21,6 +21,9 @@ from timm.models.xception_aligned import XceptionAligned
 from torch import nn
 from tqdm import tqdm
 
+from atlas.progress import Say
+from atlas.runtime import resolve_device
+
 
 class BackboneError(RuntimeError):
     """A backbone cannot be built or trained as asked; the message says what to do."""
@@ -66,14 +69,6 @@ PRESETS: dict[str, BackbonePreset] = {
     "xception41": BackbonePreset("xception41", (128, 256, 728), 8, (1024, (1536, 1536, 2048)),
                                  224, 2, 30, 32, 1e-3, timm_name="xception41"),
 }
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(f"device {device!r} asked for, but no CUDA GPU is visible")
-    return torch.device(device)
 
 
 def build_model(preset: BackbonePreset, num_classes: int, pretrained: bool = False) -> nn.Module:
@@ -215,10 +210,9 @@ class Backbone:
                 predicted = self.predict(val_images)
                 record["val_accuracy"] = float((predicted == np.asarray(val_labels)).mean())
             self.history_.append(record)
-            if progress:
-                tqdm.write(f"  backbone epoch {epoch + 1}: " + ", ".join(
-                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                    if k != "epoch"))
+            Say(progress)(f"  backbone epoch {epoch + 1}: " + ", ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                if k != "epoch"))
         self.model_ = model.eval()
         return self
 

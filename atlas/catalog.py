@@ -1,5 +1,9 @@
-"""The catalogue (DuckDB, `ATLAS_HOME/catalog.duckdb`): build jobs, and the append-only log of
-label corrections that the next build applies.
+"""The catalogue (DuckDB, `ATLAS_HOME/catalog.duckdb`): build jobs, the append-only log of
+label corrections that the next build applies, and the API keys.
+
+An API key is a bearer token with a role (reviewer < technologist < admin). A token is shown
+once, when it is created; the catalogue keeps only its SHA-256 hash. A reviewer reads, a
+technologist also corrects labels, an admin also runs rebuilds and manages keys.
 
 DuckDB lets one process write a database file at a time, so every operation opens the file,
 does its work and closes it again; a writer that finds the file locked retries for a while.
@@ -7,9 +11,12 @@ does its work and closes it again; a writer that finds the file locked retries f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +24,9 @@ from pathlib import Path
 import duckdb
 
 _PROCESS_LOCK = threading.RLock()
+
+ROLES: tuple[str, ...] = ("reviewer", "technologist", "admin")  # lowest first
+TOKEN_PREFIX = "cak_"
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS correction_seq START 1;
@@ -40,7 +50,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     message     VARCHAR,
     progress    VARCHAR                -- JSON: step, done, total
 );
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id       VARCHAR PRIMARY KEY,
+    name         VARCHAR NOT NULL,
+    role         VARCHAR NOT NULL,
+    token_sha256 VARCHAR NOT NULL UNIQUE,
+    created_at   TIMESTAMPTZ NOT NULL,
+    revoked_at   TIMESTAMPTZ
+);
 """
+
+
+class ApiKeyError(ValueError):
+    """A key cannot be created or revoked (bad role, name taken, unknown name)."""
 
 
 class Catalog:
@@ -141,10 +163,58 @@ class Catalog:
         with self.connect() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", [*fields.values(), job_id])
 
+    # -- API keys -------------------------------------------------------------------------
+    def create_key(self, name: str, role: str) -> str:
+        """Store a new key and return its token (the only time the token exists in clear)."""
+        check_role(role)
+        name = name.strip()
+        if not name:
+            raise ApiKeyError("a key needs a name (a person or a system, e.g. 'review-station-3')")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self.connect() as db:
+            taken = db.execute("SELECT count(*) FROM api_keys WHERE name = ? AND revoked_at IS NULL",
+                               [name]).fetchone()[0]
+            if taken:
+                raise ApiKeyError(f"an active key named {name!r} exists; "
+                                  "revoke it first or choose another name")
+            db.execute("INSERT INTO api_keys (key_id, name, role, token_sha256, created_at) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       [uuid.uuid4().hex[:12], name, role, hash_token(token), _now()])
+        return token
+
+    def revoke_key(self, name: str) -> int:
+        """Revoke the active keys named `name`; returns how many were revoked."""
+        with self.connect() as db:
+            revoked = db.execute("UPDATE api_keys SET revoked_at = ? "
+                                 "WHERE name = ? AND revoked_at IS NULL RETURNING key_id",
+                                 [_now(), name]).fetchall()
+        if not revoked:
+            raise ApiKeyError(f"no active key named {name!r}")
+        return len(revoked)
+
+    def active_key(self, token: str) -> dict | None:
+        """{key_id, name, role} of the active (unrevoked) key with this token, or None."""
+        with self.connect(read_only=True) as db:
+            row = db.execute(f"SELECT {', '.join(KEY_FIELDS)} FROM api_keys "
+                             "WHERE token_sha256 = ? AND revoked_at IS NULL",
+                             [hash_token(token)]).fetchone()
+        return dict(zip(KEY_FIELDS, row, strict=True)) if row else None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ApiKeyError(f"unknown role {role!r}; choose from {', '.join(ROLES)}")
+    return role
+
 
 CORRECTION_FIELDS = ("correction_id", "cell_id", "old_label", "new_label", "note", "author", "created_at",
                      "atlas_version")
 JOB_FIELDS = ("job_id", "kind", "state", "started_at", "finished_at", "version", "message", "progress")
+KEY_FIELDS = ("key_id", "name", "role")
 
 
 def _now() -> datetime:

@@ -40,7 +40,7 @@ First-order intensity (16 per region, 48)
     uniformity} on the 8-bit grey level (OpenCV RGB->GRAY, 0-255, as pyradiomics' grey image
     in seed 001): kurtosis is Pearson's (3 for a normal distribution, as pyradiomics);
     entropy (bits) and uniformity (sum of squared probabilities) are of the 256-bin histogram.
-  {region}_lab_{l, a, b}_{mean, std}: CIE L*a*b* colour (`segment.lab_image`: L 0-100).
+  {region}_lab_{l, a, b}_{mean, std}: CIE L*a*b* colour (`colour.lab_image`: L 0-100).
 
 Texture (10 per region, 30)
   {region}_glcm_{contrast, homogeneity, energy, correlation}: grey-level co-occurrence matrix
@@ -71,11 +71,11 @@ from scipy import ndimage, stats
 from skimage import measure
 from skimage.feature import graycomatrix, graycoprops
 
-from atlas.segment import CYTOPLASM, NUCLEUS, REFERENCE_UM_PER_PIXEL, lab_image
+from atlas.cell import CYTOPLASM, NUCLEUS, REFERENCE_UM_PER_PIXEL
+from atlas.colour import lab_image
 
 REGIONS = ("nucleus", "cytoplasm", "cell")
 RANGE_PERCENTILES = (2.0, 50.0, 98.0)
-RANGES_FILE = "feature_ranges.json"  # in a version folder: class_ranges of its cells
 GLCM_LEVELS = 32  # fixed-width grey bins (8 grey levels each); level 0 is "outside the region"
 GLCM_DISTANCE_UM = 0.2
 GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
@@ -327,3 +327,33 @@ def load_class_ranges(path: Path | str, names=FEATURE_NAMES) -> dict | None:
     if stored.get("percentiles") != list(RANGE_PERCENTILES) or set(ranges) != set(names):
         return None
     return {name: {label: list(r) for label, r in ranges[name].items()} for name in names}
+
+
+def class_feature_percentiles(cells, labels, classes, stored: dict | None = None,
+                              stored_labels=None) -> dict:
+    """`class_ranges` of `cells` (a table with the FEATURE_NAMES columns) under `labels`:
+    the ranges a build stored (`stored`, made under `stored_labels`, as a version's
+    `read_feature_ranges` gives them) while the labels are still those, computed otherwise
+    (a correction has changed a label since, or nothing was stored)."""
+    if stored is not None and stored_labels is not None and list(labels) == list(stored_labels):
+        return stored
+    return class_ranges(cells[list(FEATURE_NAMES)].to_numpy(float), labels, classes)
+
+
+def range_position(value: float | None, low: float, high: float) -> str | None:
+    """'below' a class's 2nd percentile (`low`), 'above' its 98th (`high`), or 'within';
+    None when the value or the range is unknown."""
+    if value is None or not np.isfinite(low) or not np.isfinite(high):
+        return None
+    return "below" if value < low else "above" if value > high else "within"
+
+
+def finite_or_none(value) -> float | None:
+    """A feature value as JSON can carry it: None where it is undefined (NaN, inf)."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def named_features(values) -> dict[str, float | None]:
+    """One cell's feature vector (FEATURE_NAMES order) by name, undefined values as None."""
+    return {name: finite_or_none(value) for name, value in zip(FEATURE_NAMES, values, strict=True)}

@@ -1,31 +1,29 @@
 """A published atlas version loaded for queries: adaptive reference cells and predictions.
 
-`LoadedAtlas.open(home)` loads the live version (cells, latents, FAISS index, SOM, models).
-Reference cells come either from the latent space (the core design's preferred method: the
-k smallest mean squared errors between VAE latents) or from the SOM (same node first, by
-distance to the node, then the nearest nodes on the grid). A cell never gets itself or its
-duplicates as references.
+`LoadedAtlas.open(home)` loads the live version (cells, latents, FAISS index, SOM, models)
+through its `AtlasVersion`. The way of one uploaded image: `prepare_cells` (segment, crop,
+describe, hash) -> `Embedder.embed` (backbone + VAE latent) -> `CellClassifier.predict`
+(label, entropy, flag) and the reference cells. Reference cells come either from the latent
+space (the core design's preferred method: the k smallest mean squared errors between VAE
+latents) or from the SOM (same node first, by distance to the node, then the nearest nodes on
+the grid). A cell never gets itself or its duplicates as references.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from atlas.backbone import Backbone
-from atlas.cells import PreparedCell, model_input, prepare_cells
-from atlas.classify import CellClassifier, entropy_bits
-from atlas.features import FEATURE_NAMES
-from atlas.search import LatentIndex
-from atlas.segment import CellCrop, version_segmenter
-from atlas.som import BatchSOM
-from atlas.store import AtlasNotFound, AtlasStore
-from atlas.vae import VAE
+from atlas.cell import CellCrop
+from atlas.classifier import Prediction, classifier_input
+from atlas.features import FEATURE_NAMES, named_features
+from atlas.prepare import PreparedCell, prepare_cells
+from atlas.store import AtlasStore
 
 METHODS = ("latent", "som")
 MAX_K = 100
@@ -33,14 +31,6 @@ MAX_K = 100
 
 class UnknownCell(KeyError):
     """No archived cell has this id."""
-
-
-@dataclass
-class Prediction:
-    label: str
-    probabilities: dict[str, float]
-    entropy_bits: float
-    flagged: bool
 
 
 @dataclass
@@ -65,29 +55,19 @@ class QueryResult:
 
 class LoadedAtlas:
     def __init__(self, home: Path, version: str):
-        store = AtlasStore(home)
-        folder = store.version_dir(version)
+        self.files = AtlasStore(home).version(version)
+        self.files.check_features()
         self.home, self.version = Path(home), version
-        self.manifest = store.manifest(version)
-        built_with = self.manifest.get("parameters", {}).get("feature_names")
-        if built_with is not None and list(built_with) != list(FEATURE_NAMES):
-            raise AtlasNotFound(
-                f"atlas version {version} in {home} was built with another set of cell features "
-                f"({len(built_with)} against {len(FEATURE_NAMES)} now); rebuild it with `cellatlas build`")
-        self.cells = pd.read_parquet(folder / "cells.parquet")
-        self.latents = np.load(folder / "latents.npy")
-        self.index = LatentIndex.load(folder / "index.faiss")
-        som = np.load(folder / "som.npz")
-        self.som = BatchSOM.from_arrays(som)
-        self.u_matrix = som["u_matrix"]
-        self.latent_mean, self.latent_std = som["latent_mean"], som["latent_std"]
-        self.backbone = Backbone.load(folder / "models" / "backbone.pt", device="auto")
-        self.vae = VAE.load(folder / "models" / "vae.pt")
-        self.classifier = CellClassifier.load(folder / "models" / "classifier.json")
-        self.classes = list(self.manifest["classes"])
-        self.flag_bits = float(self.manifest["classifier"]["flag_threshold_bits"])
-        self.um_per_pixel = float(self.manifest["parameters"]["um_per_pixel"])
-        self.segmenter = version_segmenter(folder, self.manifest)  # the one the version was built with
+        self.manifest = self.files.manifest
+        self.cells = self.files.read_cells()
+        self.latents = self.files.read_latents()
+        self.index = self.files.read_index()
+        self.som, self.u_matrix = self.files.read_som()
+        self.embedder = self.files.read_embedder(device="auto")
+        self.classifier = self.files.read_classifier()
+        self.classes = list(self.classifier.classes_)
+        self.um_per_pixel = self.files.um_per_pixel
+        self.segmenter = self.files.read_segmenter()  # the one the version was built with
         self.position = {cell_id: i for i, cell_id in enumerate(self.cells["cell_id"])}
         self.labels = self.cells["label"].to_numpy(dtype=object)
         self.nodes = self.cells[["som_row", "som_col"]].to_numpy()
@@ -102,23 +82,39 @@ class LoadedAtlas:
     def open(cls, home: Path | str) -> LoadedAtlas:
         return cls(Path(home), AtlasStore(home).require_current())
 
+    @property
+    def flag_bits(self) -> float:
+        return self.classifier.flag_bits_
+
+    def relabelled(self, labels: np.ndarray) -> LoadedAtlas:
+        """This version answering with other labels (e.g. corrections applied): references and
+        label distributions carry them; the index, map and models are shared, not copied."""
+        if len(labels) != len(self.labels):
+            raise ValueError(f"need {len(self.labels)} labels, got {len(labels)}")
+        view = copy.copy(self)
+        view.labels = np.asarray(labels, dtype=object)
+        return view
+
+    def crop_file(self, cell_id: str) -> Path:
+        """The absolute path of an archived cell's crop image (it may be missing on disk)."""
+        return self.files.crop_file(self.cells["crop_path"].iat[self.position_of(cell_id)])
+
+    def position_of(self, cell_id: str) -> int:
+        position = self.position.get(cell_id)
+        if position is None:
+            raise UnknownCell(cell_id)
+        return position
+
     # -- the pieces -------------------------------------------------------------------------
     def prepare(self, image: np.ndarray) -> PreparedCell:
         return prepare_cells(image, self.segmenter, self.um_per_pixel)[0]
 
     def embed(self, crops: list[CellCrop]) -> np.ndarray:
         """VAE latents (the cells' embeddings) of nucleus-centred crops."""
-        with torch.inference_mode():
-            return self.vae.transform(self.backbone.embed(model_input(crops, self.backbone.preset.input_size)))
+        return self.embedder.embed(crops)
 
     def predict(self, features: np.ndarray, latent: np.ndarray) -> Prediction:
-        proba = self.classifier.predict_proba(np.hstack([features, latent])[None])[0]
-        entropy = float(entropy_bits(proba))
-        return Prediction(
-            label=self.classes[int(proba.argmax())],
-            probabilities={c: float(p) for c, p in zip(self.classes, proba)},
-            entropy_bits=entropy, flagged=entropy > self.flag_bits,
-        )
+        return self.classifier.predict(classifier_input(features, latent))[0]
 
     def excluded_positions(self, position: int) -> set[int]:
         """A cell and the members of its duplicate group."""
@@ -152,7 +148,7 @@ class LoadedAtlas:
         return {label: w / total for label, w in sorted(weights.items(), key=lambda kv: -kv[1])}
 
     def som_node(self, latent: np.ndarray) -> tuple[int, int]:
-        row, col = self.som.winners((latent - self.latent_mean) / self.latent_std)[0]
+        row, col = self.som.winners(latent)[0]
         return int(row), int(col)
 
     # -- whole queries ------------------------------------------------------------------------
@@ -175,9 +171,7 @@ class LoadedAtlas:
         return result
 
     def query_cell(self, cell_id: str, k: int = 8, method: str = "latent") -> QueryResult:
-        position = self.position.get(cell_id)
-        if position is None:
-            raise UnknownCell(cell_id)
+        position = self.position_of(cell_id)
         features = self.cells.loc[position, list(FEATURE_NAMES)].to_numpy(np.float32)
         result = self._answer(features, self.latents[position : position + 1], k, method,
                               self.excluded_positions(position), self.stored_prediction(position))
@@ -188,16 +182,16 @@ class LoadedAtlas:
         """An archived cell's prediction as stored at build time: out-of-fold for labelled cells,
         i.e. from a classifier that did not see the cell (the final one would be overconfident)."""
         proba = np.asarray(self.cells["probabilities"].iat[position], dtype=np.float64)
-        entropy = float(self.cells["entropy_bits"].iat[position])
         return Prediction(label=self.classes[int(proba.argmax())],
                           probabilities={c: float(p) for c, p in zip(self.classes, proba)},
-                          entropy_bits=entropy, flagged=bool(self.cells["flagged"].iat[position]))
+                          entropy_bits=float(self.cells["entropy_bits"].iat[position]),
+                          flagged=bool(self.cells["flagged"].iat[position]))
 
     def _answer(self, features, latent, k, method, exclude, prediction=None) -> QueryResult:
         return QueryResult(
             version=self.version,
-            prediction=prediction or self.predict(features, latent[0]),
-            features={name: _finite(v) for name, v in zip(FEATURE_NAMES, features)},
+            prediction=prediction or self.predict(features, latent),
+            features=named_features(features),
             references=self.reference_cells(latent, k, method, exclude),
             label_distribution=self.label_distribution(latent, 100, exclude),
             som_node=self.som_node(latent),
@@ -221,8 +215,3 @@ class LoadedAtlas:
 def check_k(k: int) -> None:
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-
-
-def _finite(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None

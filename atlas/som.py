@@ -9,6 +9,10 @@ per-node sums costs two small matrix products instead of a (nodes x nodes) table
 
 `quantization_error`, `topographic_error` and `u_matrix` follow MiniSom's definitions exactly
 (rectangular topology, `distance_map(scaling="sum")`), and the tests check them against MiniSom.
+
+The map owns its input scaling, as a scikit-learn estimator would: `fit` learns each
+dimension's mean and standard deviation (`mean_`, `std_`) and every method takes raw vectors,
+so the scaling learned at build time is the one applied to a query.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ def grid_shape_for(data: np.ndarray, max_side: int = 244) -> tuple[int, int]:
 class BatchSOM:
     """Rectangular self-organising map trained with the batch algorithm.
 
-    Hyper-parameters are set in `__init__`; `fit` sets `weights_` (rows, cols, dim),
-    `quantization_error_` and `topographic_error_`.
+    Hyper-parameters are set in `__init__`; `fit` sets `mean_`, `std_` (the input scaling;
+    zeros and ones with `standardise=False`), `weights_` (rows, cols, dim) in scaled units,
+    `quantization_error_` and `topographic_error_` (also in scaled units).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class BatchSOM:
         sigma_end: float = 0.5,
         seed: int = 0,
         device: str = "cpu",
+        standardise: bool = True,
     ):
         if rows < 1 or cols < 1:
             raise ValueError(f"SOM grid must be at least 1x1, got {rows}x{cols}")
@@ -62,12 +68,18 @@ class BatchSOM:
         self.sigma_end = sigma_end
         self.seed = seed
         self.device = device
+        self.standardise = standardise
 
     # -- training -------------------------------------------------------------------------
     def fit(self, data: np.ndarray, progress=None) -> BatchSOM:
-        x = torch.as_tensor(np.asarray(data, dtype=np.float32), device=self.device)
-        if x.ndim != 2 or len(x) == 0:
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim != 2 or len(data) == 0:
             raise ValueError("SOM needs a non-empty 2-D array (cells x dimensions)")
+        if self.standardise:
+            self.mean_, self.std_ = data.mean(0), data.std(0) + 1e-6
+        else:
+            self.mean_, self.std_ = np.zeros(data.shape[1], np.float32), np.ones(data.shape[1], np.float32)
+        x = torch.as_tensor(self._scaled(data), device=self.device)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         # Random initialisation (as in the core design): nodes start at random data points.
         pick = torch.randint(len(x), (self.rows * self.cols,), generator=gen)
@@ -108,15 +120,15 @@ class BatchSOM:
 
     def best_units(self, data: np.ndarray, k: int = 1) -> np.ndarray:
         """Flat indices of the k nearest nodes of every row of `data`, nearest first."""
-        x = torch.as_tensor(np.asarray(data, dtype=np.float32), device=self.device)
+        x = torch.as_tensor(self._scaled(data), device=self.device)
         w = torch.as_tensor(self.weights_.reshape(-1, self.weights_.shape[2]), device=self.device)
         return self._best_units(x, w, k).cpu().numpy()
 
     def node_distances(self, data: np.ndarray) -> np.ndarray:
-        """Euclidean distance of every row of `data` to its best-matching node."""
+        """Euclidean distance (in scaled units) of every row of `data` to its best-matching node."""
         w = self.weights_.reshape(-1, self.weights_.shape[2])
         bmu = self.best_units(data, k=1)[:, 0]
-        return np.linalg.norm(np.asarray(data, dtype=np.float32) - w[bmu], axis=1)
+        return np.linalg.norm(self._scaled(data) - w[bmu], axis=1)
 
     def quantization_error(self, data: np.ndarray) -> float:
         """Mean distance between each sample and its best-matching node (MiniSom's QE)."""
@@ -154,6 +166,8 @@ class BatchSOM:
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "weights": self.weights_,
+            "mean": self.mean_,
+            "std": self.std_,
             "quantization_error": np.float64(self.quantization_error_),
             "topographic_error": np.float64(self.topographic_error_),
         }
@@ -163,11 +177,17 @@ class BatchSOM:
         weights = np.asarray(arrays["weights"], dtype=np.float32)
         som = cls(weights.shape[0], weights.shape[1], device=device)
         som.weights_ = weights
+        # Versions built before the map owned its scaling stored it as latent_mean / latent_std.
+        som.mean_ = np.asarray(arrays["mean" if "mean" in arrays else "latent_mean"], np.float32)
+        som.std_ = np.asarray(arrays["std" if "std" in arrays else "latent_std"], np.float32)
         som.quantization_error_ = float(arrays["quantization_error"])
         som.topographic_error_ = float(arrays["topographic_error"])
         return som
 
     # -- internals ------------------------------------------------------------------------
+    def _scaled(self, data: np.ndarray) -> np.ndarray:
+        return ((np.asarray(data, dtype=np.float32) - self.mean_) / self.std_).astype(np.float32)
+
     @staticmethod
     def _best_units(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
         w_sq = (weights**2).sum(1)

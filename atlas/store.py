@@ -3,8 +3,8 @@ replaced atomically, and content-addressed cell crops shared by the versions.
 
     ATLAS_HOME/
       catalog.duckdb            corrections, jobs, keys (atlas.catalog)
-      crops/<segmenter>/ab/<cell_id>.jpg  and .mask.png
-      versions/000001/          cells.parquet, latents.npy, index.faiss, som.npz, models/, manifest.json
+      crops/<segmenter>/ab/<cell_id>.jpg  and .mask.png (atlas.version.crop_path)
+      versions/000001/          one AtlasVersion (atlas.version names its files)
       current                   "000001"
 A build writes into `versions/.staging-*` and renames it into place; only then is `current`
 replaced (write a temporary file, fsync, rename). A crash leaves the live version serving.
@@ -20,7 +20,9 @@ import shutil
 import time
 from pathlib import Path
 
-MANIFEST = "manifest.json"
+from atlas.files import write_atomic
+from atlas.version import MANIFEST, AtlasVersion
+
 PUBLISH_LOCK = ".publish.lock"
 
 
@@ -32,7 +34,6 @@ class AtlasStore:
     def __init__(self, home: Path | str):
         self.home = Path(home)
         self.versions = self.home / "versions"
-        self.crops = self.home / "crops"
 
     # -- reading --------------------------------------------------------------------------
     def current_version(self) -> str | None:
@@ -65,8 +66,13 @@ class AtlasStore:
     def manifest(self, version: str) -> dict:
         return json.loads((self.version_dir(version) / MANIFEST).read_text())
 
-    def crop_dir(self, segmenter_key: str) -> Path:
-        return self.crops / segmenter_key
+    def version(self, version: str) -> AtlasVersion:
+        """The files of a published version."""
+        return AtlasVersion(self.version_dir(version), self.home)
+
+    def staging_version(self, staging: Path) -> AtlasVersion:
+        """The files of a version being written into `staging` (from `new_staging`)."""
+        return AtlasVersion(staging, self.home)
 
     # -- writing --------------------------------------------------------------------------
     def new_staging(self, tag: str = "") -> Path:
@@ -88,9 +94,9 @@ class AtlasStore:
             existing += [int(p.name) for p in self.versions.iterdir() if p.name.isdigit()]
             version = f"{max(existing, default=0) + 1:06d}"
             manifest = {**manifest, "version": version}
-            _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable))
+            write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=_jsonable))
             os.replace(staging, self.versions / version)
-            _write_atomic(self.home / "current", version + "\n")
+            write_atomic(self.home / "current", version + "\n")
         return version
 
     def discard(self, staging: Path) -> None:
@@ -114,15 +120,6 @@ def _exclusive(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonable(value):

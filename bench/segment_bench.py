@@ -22,8 +22,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from atlas.masks import evaluate_boxes, evaluate_mask_sets  # noqa: E402
-from atlas.segment import load_segmenter  # noqa: E402
+from atlas.segmentation import load_segmenter  # noqa: E402
+from atlas.segmentation.scoring import evaluate_boxes, evaluate_mask_sets  # noqa: E402
 
 DATA = REPOSITORY.parent / "shared" / "data"
 SCALES = {"bccd": 0.07, "tecom": 0.157, "cellavision": 0.082}

@@ -17,7 +17,8 @@ def run_demo(home: Path, serve: bool = True, port: int = 8000) -> int:
     import numpy as np
 
     from atlas.reference import LoadedAtlas
-    from indexer.build import BuildConfig, build
+    from indexer.build import build
+    from indexer.config import BuildConfig
 
     images = home / "demo-images"
     if not images.exists():

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
-from tqdm import tqdm
 
-from atlas.cells import prepare_cells
-from atlas.classify import entropy_bits
+from atlas.cell import SegmentationError
+from atlas.classifier import classifier_input
+from atlas.colour import background_colour
 from atlas.ingest import ImageReadError, IngestError, list_images, read_image_bytes
+from atlas.prepare import prepare_cells
+from atlas.progress import progress as progress_bar
 from atlas.reference import LoadedAtlas
-from atlas.segment import CellCrop, SegmentationError, background_colour
 
 K = 8
 
@@ -34,19 +35,16 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
         raise IngestError(f"no labelled images in {images}: evaluation needs one sub-folder per class")
     started = time.perf_counter()
     queries, labels, failed = [], [], Counter()
-    for record in tqdm(records, desc="prepare", disable=not progress, unit="img"):
+    for record in progress_bar(records, progress, desc="prepare", unit="img"):
         try:
             image = read_image_bytes(record.path.read_bytes())
             queries.append(prepare_cells(image, atlas.segmenter, atlas.um_per_pixel)[0])
             labels.append(record.label)
         except (ImageReadError, SegmentationError) as error:
             failed[str(error).split(" (")[0]] += 1
-    latents = _embed_all(atlas, [q.crop for q in queries], progress)
-    features = np.stack([q.features for q in queries])
-    proba = atlas.classifier.predict_proba(np.hstack([features, latents]))
-    predicted = np.array(atlas.classes)[proba.argmax(1)]
-    entropy = entropy_bits(proba)
-    flagged = entropy > atlas.flag_bits
+    latents = atlas.embedder.embed([q.crop for q in queries], show_progress=progress)
+    predictions = atlas.classifier.predict(classifier_input(np.stack([q.features for q in queries]), latents))
+    predicted, flagged = predictions.labels, predictions.flagged
     _, positions = atlas.index.search(latents, K)
     neighbour_labels = atlas.labels[positions]
     labels_arr = np.array(labels, dtype=object)
@@ -91,7 +89,7 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
     for _, group in cells.groupby(cells["label"].fillna("(unlabelled)")):
         picked += list(rng.choice(group.index.to_numpy(), min(per_class, len(group)), replace=False))
     crops, owners, kinds = [], [], []
-    for position in tqdm(picked, desc="rotation check", disable=not progress, unit="cell"):
+    for position in progress_bar(picked, progress, desc="rotation check", unit="cell"):
         try:
             image = read_image_bytes(Path(atlas.cells.at[position, "source_path"]).read_bytes())
         except (OSError, ImageReadError):
@@ -112,7 +110,7 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
             kinds.append(kind)
     if not crops:
         return {"copies": 0}
-    latents = _embed_all(atlas, crops, progress)
+    latents = atlas.embedder.embed(crops, show_progress=progress)
     _, first = atlas.index.search(latents, 1)
     found = np.array([int(f) in atlas.excluded_positions(o) for f, o in zip(first[:, 0], owners)])
     rotmes = float(((latents - atlas.latents[owners]) ** 2).mean())
@@ -125,9 +123,3 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
         "rotmes_mse": rotmes,
     }
 
-
-def _embed_all(atlas: LoadedAtlas, crops: list[CellCrop], progress: bool, batch: int = 256) -> np.ndarray:
-    out = []
-    for start in tqdm(range(0, len(crops), batch), desc="embed", disable=not progress, unit="batch"):
-        out.append(atlas.embed(crops[start : start + batch]))
-    return np.concatenate(out) if out else np.zeros((0, atlas.latents.shape[1]), np.float32)

@@ -12,7 +12,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def tiny_config(images: Path, home: Path, **overrides):
-    from indexer.build import BuildConfig
+    from indexer.config import BuildConfig
 
     settings = dict(images=images, home=home, preset="tiny", epochs=2, vae_epochs=5, som_epochs=8,
                     threads=1, progress=False)

@@ -11,6 +11,7 @@ from atlas.reference import LoadedAtlas
 from atlas.store import AtlasStore
 from atlas.synthetic import synthetic_cell
 from indexer import build as build_module
+from indexer import steps
 from indexer.cli import main
 from tests.conftest import tiny_config
 
@@ -73,7 +74,7 @@ def test_failed_build_leaves_the_live_version_serving(built_atlas, synthetic_ima
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(build_module, "train_som", broken)
+    monkeypatch.setattr(steps, "train_som", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_module.build(tiny_config(synthetic_images, home))
     store = AtlasStore(home)

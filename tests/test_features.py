@@ -8,6 +8,7 @@ import pytest
 from skimage.color import rgb2lab
 from skimage.draw import disk, ellipse
 
+from atlas.cell import CYTOPLASM, NUCLEUS
 from atlas.features import (
     FEATURE_NAMES,
     RANGE_PERCENTILES,
@@ -17,7 +18,6 @@ from atlas.features import (
     lobe_count,
     save_class_ranges,
 )
-from atlas.segment import CYTOPLASM, NUCLEUS
 
 
 def _mask(cell_radius, nucleus_discs, size=256):
@@ -242,17 +242,23 @@ def test_class_ranges_gives_known_percentiles_and_skips_empty_classes(tmp_path):
     assert load_class_ranges(tmp_path / "missing.json") is None
 
 
-def test_api_uses_the_stored_ranges_and_computes_without_them(tmp_path):
+def test_class_percentiles_use_the_stored_ranges_while_the_labels_are_the_builds(tmp_path):
     import pandas as pd
 
-    from api.queries import class_feature_percentiles
+    from atlas.features import class_feature_percentiles
 
     values = np.tile(np.arange(10, dtype=float)[:, None], (1, len(FEATURE_NAMES)))
     cells = pd.DataFrame(values, columns=list(FEATURE_NAMES))
     labels = np.array(["a"] * 5 + ["b"] * 5, dtype=object)
-    computed = class_feature_percentiles(cells, labels, ["a", "b"], version_dir=tmp_path)
-    assert computed == class_ranges(values, labels, ["a", "b"])  # no file: computed
+    computed = class_feature_percentiles(cells, labels, ["a", "b"], stored=None, stored_labels=labels)
+    assert computed == class_ranges(values, labels, ["a", "b"])  # nothing stored: computed
     assert computed["cell_area_um2"]["b"] == pytest.approx([5.08, 7.0, 8.92])
-    stored = save_class_ranges(tmp_path / "feature_ranges.json", values * 2, labels, ["a", "b"])
-    assert class_feature_percentiles(cells, labels, ["a", "b"], version_dir=tmp_path) == stored
+    path = tmp_path / "feature_ranges.json"
+    stored = save_class_ranges(path, values * 2, labels, ["a", "b"])
+    assert class_feature_percentiles(cells, labels, ["a", "b"], stored=load_class_ranges(path),
+                                     stored_labels=labels) == stored
     assert class_feature_percentiles(cells, labels, ["a", "b"]) == computed  # no version: computed
+    corrected = labels.copy()
+    corrected[0] = "b"  # a correction since the build: the stored ranges no longer hold
+    assert class_feature_percentiles(cells, corrected, ["a", "b"], stored=stored, stored_labels=labels) == (
+        class_ranges(values, corrected, ["a", "b"]))

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from atlas.backbone import Backbone, BackboneError, dihedral_views
-from atlas.cells import canonical_orientation
-from atlas.classify import CellClassifier, choose_flag_threshold, entropy_bits
+from atlas.cell import NUCLEUS
+from atlas.classifier import CellClassifier, choose_flag_threshold, classifier_input, entropy_bits
+from atlas.crop import canonical_orientation
 from atlas.synthetic import synthetic_cell
 from atlas.vae import VAE
 
@@ -74,10 +75,58 @@ def test_classifier_learns_separable_classes_and_out_of_fold_is_honest():
     x = rng.normal(size=(90, 4)) + y[:, None] * 4
     classifier = CellClassifier(n_estimators=30, threads=1).fit(x, y, ["a", "b", "c"])
     assert (classifier.predict_proba(x).argmax(1) == y).mean() == 1.0
-    oof = classifier.out_of_fold_proba(x, y, ["a", "b", "c"])
+    oof = classifier.out_of_fold_proba_
     assert oof.shape == (90, 3) and (oof.argmax(1) == y).mean() > 0.9
     noise = rng.normal(size=(90, 4))
-    assert (classifier.out_of_fold_proba(noise, y, ["a", "b", "c"]).argmax(1) == y).mean() < 0.6
+    on_noise = CellClassifier(n_estimators=30, threads=1).fit(noise, y, ["a", "b", "c"])
+    assert (on_noise.out_of_fold_proba_.argmax(1) == y).mean() < 0.6
+
+
+def test_classifier_predict_gives_label_entropy_and_its_own_flag(tmp_path):
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 30)
+    x = rng.normal(size=(90, 4)) + y[:, None] * 4
+    classifier = CellClassifier(n_estimators=30, flag_entropy=0.5, threads=1).fit(x, y, ["a", "b", "c"])
+    assert classifier.flag_bits_ == 0.5
+    clear, between = x[[0, 45, 89]], np.array([[2.0, 2.0, 2.0, 2.0]])  # class centres; halfway a-b
+    predictions = classifier.predict(np.vstack([clear, between]))
+    assert list(predictions.labels[:3]) == ["a", "b", "c"]
+    np.testing.assert_allclose(predictions.entropy_bits, entropy_bits(predictions.probabilities))
+    np.testing.assert_array_equal(predictions.flagged, predictions.entropy_bits > 0.5)
+    assert predictions.entropy_bits[3] > predictions.entropy_bits[:3].max()
+    one = predictions[3]
+    assert one.label == predictions.labels[3] and set(one.probabilities) == {"a", "b", "c"}
+    classifier.save(tmp_path / "c.json")  # the threshold travels with the trees
+    again = CellClassifier.load(tmp_path / "c.json")
+    assert again.flag_bits_ == 0.5 and again.classes_ == ["a", "b", "c"]
+    np.testing.assert_allclose(again.predict(between).probabilities, predictions.probabilities[3:], rtol=1e-6)
+
+
+def test_classifier_auto_threshold_comes_from_its_out_of_fold_predictions():
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 40)
+    x = rng.normal(size=(80, 3)) + y[:, None] * 1.5  # overlapping: some cells are hard
+    classifier = CellClassifier(n_estimators=20, flag_entropy="auto", threads=1).fit(x, y, ["a", "b"])
+    expected = choose_flag_threshold(classifier.out_of_fold_proba_, y)["chosen_bits"]
+    assert classifier.flag_bits_ == expected
+
+
+def test_classifier_saved_before_it_kept_its_threshold_loads_with_the_manifests(tmp_path):
+    import json
+
+    y = np.repeat([0, 1], 10)
+    x = np.random.default_rng(3).normal(size=(20, 2)) + y[:, None] * 5
+    CellClassifier(n_estimators=5, threads=1).fit(x, y, ["a", "b"]).save(tmp_path / "c.json")
+    (tmp_path / "c.json.classes.json").write_text(json.dumps(["a", "b"]))  # the old sidecar
+    with pytest.raises(ValueError, match="flag_bits"):
+        CellClassifier.load(tmp_path / "c.json")
+    assert CellClassifier.load(tmp_path / "c.json", flag_bits=0.9).flag_bits_ == 0.9
+
+
+def test_classifier_input_is_features_beside_latents():
+    joined = classifier_input(np.ones((2, 3)), np.zeros((2, 4)))
+    assert joined.shape == (2, 7) and joined.dtype == np.float32
+    np.testing.assert_array_equal(joined[:, :3], 1)
 
 
 def test_flag_threshold_separates_wrong_from_right():
@@ -91,8 +140,6 @@ def test_flag_threshold_separates_wrong_from_right():
 
 def test_canonical_orientation_turns_the_nucleus_long_axis_horizontal():
     from skimage.draw import ellipse
-
-    from atlas.segment import NUCLEUS
 
     image = np.full((128, 128, 3), 230, np.uint8)
     mask = np.zeros((128, 128), np.uint8)

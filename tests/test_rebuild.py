@@ -18,7 +18,9 @@ from api.app import create_app
 from atlas.catalog import Catalog
 from atlas.jobs import RebuildLock, RebuildRunning
 from atlas.store import AtlasStore
-from indexer.rebuild import PAUSE_ENV, parent_config, rebuild, relabel
+from indexer.config import parent_config
+from indexer.rebuild import rebuild
+from indexer.steps import relabel
 
 pytestmark = pytest.mark.filterwarnings("ignore:n_jobs value .* overridden:UserWarning")  # umap, in builds
 
@@ -109,14 +111,47 @@ def test_rebuild_applies_corrections(home, client):
     assert [j["job_id"] for j in client.get("/v1/rebuilds").json()["items"]] == [job["job_id"]]
 
 
-def test_killed_rebuild_leaves_previous_version_live(home, client, monkeypatch):
+PAUSE_WHILE_WRITING = """
+# Loaded by every Python process started with this folder on PYTHONPATH (the rebuild the test
+# starts through the API): the rebuild stops just before it writes the new cells table, with the
+# models already copied into its staging folder, and says so in a file, so the test can kill it there.
+import time
+from pathlib import Path
+
+from atlas.version import AtlasVersion
+
+_write_cells = AtlasVersion.write_cells
+
+
+def _paused(self, cells):
+    Path({marker!r}).write_text("paused")
+    time.sleep(120)
+    _write_cells(self, cells)
+
+
+AtlasVersion.write_cells = _paused
+"""
+
+
+@pytest.fixture
+def rebuild_pauses_while_writing(tmp_path, monkeypatch) -> Path:
+    """Rebuild processes started from now on pause half-way through writing their version; returns
+    the file that appears when one has paused (the test's own sitecustomize, no hook in the code)."""
+    folder, marker = tmp_path / "pause", tmp_path / "paused"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(PAUSE_WHILE_WRITING.format(marker=str(marker)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return marker
+
+
+def test_killed_rebuild_leaves_previous_version_live(home, client, monkeypatch, rebuild_pauses_while_writing):
     early, late = first_cell(home, "monocyte"), first_cell(home, "neutrophil")
     assert client.post(f"/v1/cells/{early}/corrections", json={"label": "eosinophil"}).status_code == 201
 
-    monkeypatch.setenv(PAUSE_ENV, "write-midway")  # the rebuild sleeps with its staging half written
     job_id = client.post("/v1/rebuilds", json={}).json()["job_id"]
-    job = wait_for(lambda: (j := client.get(f"/v1/rebuilds/{job_id}").json())["progress"].get("paused_for_test") and j,
-                   "the rebuild to pause while writing")
+    wait_for(rebuild_pauses_while_writing.exists, "the rebuild to pause while writing")
+    job = client.get(f"/v1/rebuilds/{job_id}").json()
+    assert job["state"] == "running" and job["progress"]["step"] == "write"
     staging = list((home / "versions").glob(".staging-rebuild-*"))
     assert len(staging) == 1 and (staging[0] / "models" / "backbone.pt").exists()
     assert not (staging[0] / "cells.parquet").exists()
@@ -139,7 +174,7 @@ def test_killed_rebuild_leaves_previous_version_live(home, client, monkeypatch):
     assert [c["cell_id"] for c in client.get("/v1/corrections").json()["items"]] == [late, early]
 
     # The next rebuild succeeds, discards the dead one's staging folder and applies both.
-    monkeypatch.delenv(PAUSE_ENV)
+    monkeypatch.delenv("PYTHONPATH")
     retry = client.post("/v1/rebuilds", json={})
     assert retry.status_code == 202
     assert finished_job(client, retry.json()["job_id"])["state"] == "succeeded"
@@ -169,9 +204,9 @@ def test_relabel_applies_the_latest_correction_over_folder_labels(tmp_path):
     catalog.add_correction("a", "y", "z", "second thoughts", "tech", "000001")
     catalog.add_correction("c", None, "x", None, "tech", "000001")
     catalog.add_correction("gone", "x", "y", None, "tech", "000001")
-    summary = relabel(cells, catalog)
+    labels, summary = relabel(cells["cell_id"], cells["folder_label"], catalog, previous_labels=cells["label"])
     # b's label came from an earlier build's correction that is no longer in this log: back to its folder label
-    assert cells["label"].tolist() == ["z", "x", "x"]
+    assert labels.tolist() == ["z", "x", "x"]
     assert summary == {"applied_through_correction_id": 4, "cells_relabelled": 2,
                        "labels_changed_since_parent": 3, "corrections_for_cells_not_in_version": 1}
 
@@ -186,7 +221,7 @@ def test_rebuild_with_backbone_retrains_everything_from_the_parent_images(home):
     cell_id = first_cell(home, "eosinophil")
     Catalog(home).add_correction(cell_id, "eosinophil", "neutrophil", None, "tech", "000001")
     parent = AtlasStore(home).manifest("000001")
-    config = parent_config(parent, home, threads=1, progress=False)
+    config = parent_config(parent, AtlasStore(home).version_dir("000001"), home, threads=1, progress=False)
     assert (config.preset, config.epochs, config.som_epochs) == ("tiny", 2, 8)
 
     version = rebuild(home, retrain_backbone=True, progress=False, threads=1)

@@ -5,15 +5,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from atlas.segment import (
-    CROP_SIZE,
-    CYTOPLASM,
-    NUCLEUS,
-    ClassicalSegmenter,
-    SegmentationError,
-    crop_cell,
-    find_nuclei,
-)
+from atlas.cell import CROP_SIZE, CYTOPLASM, NUCLEUS, SegmentationError
+from atlas.crop import crop_cell
+from atlas.segmentation.classical import ClassicalSegmenter, find_nuclei
 from atlas.synthetic import CLASSES, synthetic_cell
 
 
@@ -158,26 +152,28 @@ def test_build_indexes_every_white_cell_of_a_smear_field_with_its_source_and_box
     0..n-1, the main cell first), each with the source file, its box in the source image and its
     own crop. In a class folder the label names the main cell only, so only it is indexed."""
     from atlas.ingest import list_images
-    from atlas.store import AtlasStore
-    from indexer.build import ingest_and_prepare
+    from atlas.segmentation import load_segmenter
+    from indexer.steps import prepare_images
     from tests.conftest import tiny_config
 
     image, boxes = smear_field(np.random.default_rng(0), FIELD_CELLS, FIELD_PLATELETS)
     (tmp_path / "fields").mkdir()
     Image.fromarray(image).save(tmp_path / "fields" / "field.png")
     config = tiny_config(tmp_path / "fields", tmp_path / "home", um_per_pixel=UM_PER_PX)
-    cells, crops, rejections = ingest_and_prepare(list_images(tmp_path / "fields"), config, AtlasStore(tmp_path / "home"))
+    segmenter = load_segmenter(config.segmenter, config.um_per_pixel)
+    prepared = prepare_images(list_images(tmp_path / "fields"), segmenter, config)
+    cells, crops, rejections = prepared.cells, prepared.model_inputs, prepared.rejections
     assert not rejections
     assert sorted(cells["cell_index"]) == list(range(len(boxes)))
     assert set(cells["source_path"].map(lambda p: Path(p).name)) == {"field.png"}
     assert cells["cell_id"].is_unique and len(crops) == len(boxes)
     for box in boxes:  # every true white cell is one row, with its box
         assert max(_box_iou(box, tuple(row)) for row in cells["bbox"]) > 0.75
-    for path in cells["crop_path"]:
-        assert Path(path).exists()
+    for path in cells["crop_path"]:  # stored relative to ATLAS_HOME
+        assert (config.home / path).exists()
     assert cells["label"].isna().all()
 
     (tmp_path / "labelled" / "monocyte").mkdir(parents=True)
     Image.fromarray(image).save(tmp_path / "labelled" / "monocyte" / "field.png")
-    labelled, _, _ = ingest_and_prepare(list_images(tmp_path / "labelled"), config, AtlasStore(tmp_path / "home"))
+    labelled = prepare_images(list_images(tmp_path / "labelled"), segmenter, config).cells
     assert list(labelled["cell_index"]) == [0] and list(labelled["label"]) == ["monocyte"]

@@ -14,18 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas.cellpose_segmenter import CellposeSegmenter, train_segmenter
-from atlas.cells import NoCellFound, prepare_cells
-from atlas.masks import (
+from atlas.cell import CellRegion, NoCellFound
+from atlas.prepare import prepare_cells
+from atlas.segmentation import load_segmenter
+from atlas.segmentation.cellpose_runner import CellposeSegmenter, give_lobes_whole, refine_labels
+from atlas.segmentation.cellpose_training import resample, train_segmenter
+from atlas.segmentation.classical import ClassicalSegmenter
+from atlas.segmentation.mask_sets import (
     TrainingDataError,
-    evaluate_boxes,
-    evaluate_segmenter,
     find_mask_sets,
-    match_boxes,
     read_mask_sets,
     set_scales,
 )
-from atlas.segment import CellRegion, ClassicalSegmenter, load_segmenter, version_segmenter
+from atlas.segmentation.scoring import dice, evaluate_boxes, evaluate_segmenter, match_boxes
 from indexer.cli import main
 from tests.conftest import require_shared, tiny_config
 
@@ -471,8 +472,9 @@ def classical_cells(self, image, rescale):
 def test_build_copies_the_segmenter_into_the_version_and_queries_use_it(trained, synthetic_images, tmp_path,
                                                                        monkeypatch):
     from atlas.reference import LoadedAtlas
+    from atlas.version import AtlasVersion
     from indexer.build import build
-    from indexer.rebuild import parent_config
+    from indexer.config import parent_config
 
     trained_dir, config = trained
     model = shutil.copytree(trained_dir, tmp_path / "model")
@@ -492,9 +494,11 @@ def test_build_copies_the_segmenter_into_the_version_and_queries_use_it(trained,
     shutil.rmtree(model)  # the version needs only its own copy
     atlas = LoadedAtlas.open(home)
     assert atlas.segmenter.name == name and atlas.segmenter.model_dir == copy.resolve()
-    assert version_segmenter(result.version_dir, manifest).um_per_pixel == manifest["parameters"]["um_per_pixel"]
+    version_segmenter = AtlasVersion(result.version_dir, home).read_segmenter()
+    assert version_segmenter.um_per_pixel == manifest["parameters"]["um_per_pixel"]
     # A full rebuild takes the model from the version, not from the folder it first came from.
-    assert parent_config(manifest, home, threads=1, progress=False).segmenter == str(copy)
+    rebuild_config = parent_config(manifest, result.version_dir, home, threads=1, progress=False)
+    assert rebuild_config.segmenter == str(copy)
 
 
 def test_classical_build_records_its_segmenter(built_atlas):
@@ -540,9 +544,6 @@ def test_classical_segmenter_on_real_masks_and_boxes_via_cli(tmp_path, capsys):
 
 
 def test_outlines_are_redrawn_at_full_size_from_the_probability():
-    from atlas.cellpose_segmenter import refine_labels, resample
-    from atlas.masks import dice
-
     yy, xx = np.mgrid[:120, :120]
     truth = (yy - 61.3) ** 2 + (xx - 58.7) ** 2 <= 40**2
     factor = 0.2  # the network's scale: 24x24 pixels
@@ -555,8 +556,6 @@ def test_outlines_are_redrawn_at_full_size_from_the_probability():
 
 
 def test_a_lobe_cut_by_the_network_outline_goes_whole_to_the_cell_holding_most_of_it():
-    from atlas.cellpose_segmenter import give_lobes_whole
-
     labels = np.zeros((60, 100), np.int32)
     labels[10:50, 10:45] = 1
     labels[10:50, 55:90] = 2

@@ -19,7 +19,7 @@ def _minisom_with(weights):
 
 
 def test_errors_and_u_matrix_match_minisom(blobs):
-    som = BatchSOM(6, 5, epochs=15, seed=1).fit(blobs)
+    som = BatchSOM(6, 5, epochs=15, seed=1, standardise=False).fit(blobs)
     reference = _minisom_with(som.weights_)
     assert som.quantization_error(blobs) == pytest.approx(reference.quantization_error(blobs), rel=1e-5)
     assert som.topographic_error(blobs) == pytest.approx(reference.topographic_error(blobs))
@@ -56,3 +56,18 @@ def test_round_trip_through_arrays(blobs):
     som = BatchSOM(4, 4, epochs=3).fit(blobs)
     again = BatchSOM.from_arrays(som.to_arrays())
     np.testing.assert_array_equal(again.winners(blobs), som.winners(blobs))
+
+
+def test_the_map_owns_its_scaling(blobs):
+    """A standardising map answers raw vectors exactly as a plain map trained on the
+    standardised vectors does, and keeps the scaling through a save and load."""
+    stretched = blobs * np.linspace(1, 50, blobs.shape[1]).astype(np.float32) + 7
+    som = BatchSOM(5, 4, epochs=6, seed=2).fit(stretched)
+    mean, std = stretched.mean(0), stretched.std(0) + 1e-6
+    np.testing.assert_allclose(som.mean_, mean, rtol=1e-5)
+    plain = BatchSOM(5, 4, epochs=6, seed=2, standardise=False).fit((stretched - mean) / std)
+    np.testing.assert_allclose(som.weights_, plain.weights_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(som.winners(stretched), plain.winners((stretched - mean) / std))
+    again = BatchSOM.from_arrays(som.to_arrays())
+    np.testing.assert_array_equal(again.winners(stretched), som.winners(stretched))
+    assert again.quantization_error(stretched) == pytest.approx(som.quantization_error_, rel=1e-5)

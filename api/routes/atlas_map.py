@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 
 from api import schemas
 from api.deps import State, View
-from api.queries import atlas_summary, u_matrix_png, versions
+from api.views import atlas_summary, u_matrix_png, versions
 
 router = APIRouter(tags=["atlas"])
 

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from api import schemas
 from api.deps import View
-from api.queries import parse_node
+from api.views import parse_node
 
 router = APIRouter(tags=["cells"])
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 
 from api import schemas
 from api.deps import Upload, View
-from api.queries import segment_response
 from api.routes.reference_cells import ERRORS
+from api.views import segment_response
 
 router = APIRouter(tags=["segment"])
 

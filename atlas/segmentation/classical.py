@@ -1,30 +1,19 @@
-"""Segmentation: find white cells and their nuclei, and crop a fixed-size patch on the nucleus.
+"""The classical segmenter: stain-colour thresholds in physical units, no training.
 
-`Segmenter` is the interface every segmenter meets (classical here, cellpose in its own module):
-`segment(image) -> list[CellRegion]`, the main cell first. `crop_cell` turns a region into the
-fixed-size, nucleus-centred crop that the rest of the pipeline sees (the core design: 256x256
-at 0.1 um per pixel).
+It finds every white cell of a single-cell image or a smear field at any scale; the cellpose
+runner (`cellpose_runner.py`) uses its nucleus threshold (`find_nuclei`) and, where the network
+misses a cell, its outline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
-
 import cv2
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from skimage import filters, morphology
 
-REFERENCE_UM_PER_PIXEL = 0.1  # the scale of the core design's crops
-CROP_SIZE = 256  # pixels at the reference scale: a 25.6 um field around the nucleus
-MIN_IMAGE_SIDE = 32  # pixels; anything smaller cannot hold a white cell
-
-NUCLEUS = 255  # label values of a cell mask, as in the wbc_seg convention
-CYTOPLASM = 128
-SEGMENTER_FILE = "segmenter.json"  # marks a trained segmenter folder (atlas.cellpose_segmenter)
+from atlas.cell import REFERENCE_UM_PER_PIXEL, CellRegion, check_image
+from atlas.colour import background_colour, lab_image
 
 # What the classical segmenter knows about stained peripheral blood, in physical units and stain
 # colour (Lab b*: negative is blue; "shift" is how much bluer than the empty glass, so that the
@@ -47,47 +36,6 @@ SMALL_LOBE_GAP_UM = 3.0  # lobes each too small to be a nucleus (an eosinophil's
 BODY_SMOOTH_UM = 0.5  # colour smoothing for the cell body (JPEG chroma blocks, granules)
 REACH_NUCLEUS_RADII, REACH_UM = 1.8, 2.0  # a cell's body lies within 1.8 nucleus radii + 2 um
 # of the nucleus centre
-
-
-class SegmentationError(ValueError):
-    """The image cannot be segmented (too small, no cell found); the message says why."""
-
-
-@dataclass
-class CellRegion:
-    """One white cell in an image: boolean masks over the whole image and its bounding box."""
-
-    cell: np.ndarray
-    nucleus: np.ndarray
-    bbox: tuple[int, int, int, int]  # row0, col0, row1, col1 (exclusive)
-
-    def label_mask(self) -> np.ndarray:
-        """The region as one uint8 label image: 255 nucleus, 128 cytoplasm, 0 background."""
-        return np.where(self.nucleus, NUCLEUS, np.where(self.cell, CYTOPLASM, 0)).astype(np.uint8)
-
-    @property
-    def nucleus_centre(self) -> tuple[float, float]:
-        rows, cols = np.nonzero(self.nucleus if self.nucleus.any() else self.cell)
-        return float(rows.mean()), float(cols.mean())
-
-
-@dataclass
-class CellCrop:
-    """The nucleus-centred crop of one cell and its label mask (255 nucleus, 128 cytoplasm)."""
-
-    image: np.ndarray  # (CROP_SIZE, CROP_SIZE, 3) uint8
-    mask: np.ndarray  # (CROP_SIZE, CROP_SIZE) uint8
-    bbox: tuple[int, int, int, int]  # the cell's box in the source image
-
-
-class Segmenter(Protocol):
-    name: str
-    um_per_pixel: float
-
-    def segment(self, image: np.ndarray, main_only: bool = False) -> list[CellRegion]:
-        """All white cells in an RGB uint8 image, the one nearest the centre first; with
-        `main_only`, that one alone (a segmenter may then skip work)."""
-        ...
 
 
 class ClassicalSegmenter:
@@ -163,7 +111,8 @@ class ClassicalSegmenter:
         red_blue = float(np.median(blue[red]))
         a = _smooth(lab[..., 1], sigma)
         red_like = np.hypot(a - np.median(a[red]), blue - red_blue) < RED_CELL_DELTA_E
-        return (blue > max(CYTOPLASM_BLUE_SHIFT, red_blue + RED_CELL_MARGIN)) | (stained & ~red_like)
+        basophilic = blue > max(CYTOPLASM_BLUE_SHIFT, red_blue + RED_CELL_MARGIN)
+        return basophilic | (stained & ~red_like)
 
     def _cell_around(self, nuclei: np.ndarray, index: int, body: np.ndarray) -> CellRegion:
         nucleus = nuclei == index
@@ -182,7 +131,8 @@ class ClassicalSegmenter:
         near = (yy - centre_r) ** 2 + (xx - centre_c) ** 2 <= reach**2
         others = (nuclei[r0:r1, c0:c1] > 0) & ~window_nucleus
         if others.any():  # touching white cells: each body pixel goes to the nearest nucleus
-            near &= ndimage.distance_transform_edt(~window_nucleus) <= ndimage.distance_transform_edt(~others)
+            near &= (ndimage.distance_transform_edt(~window_nucleus)
+                     <= ndimage.distance_transform_edt(~others))
         window_body = _open(body[r0:r1, c0:c1] & near, 2) | window_nucleus
         labels, _ = ndimage.label(window_body)
         keep = np.unique(labels[window_nucleus])
@@ -191,8 +141,8 @@ class ClassicalSegmenter:
         cell = np.zeros_like(nucleus)
         cell[r0:r1, c0:c1] = window_cell
         r, c = np.nonzero(window_cell)
-        return CellRegion(cell=cell, nucleus=nucleus & cell,
-                          bbox=(int(r.min()) + r0, int(c.min()) + c0, int(r.max()) + r0 + 1, int(c.max()) + c0 + 1))
+        bbox = (int(r.min()) + r0, int(c.min()) + c0, int(r.max()) + r0 + 1, int(c.max()) + c0 + 1)
+        return CellRegion(cell=cell, nucleus=nucleus & cell, bbox=bbox)
 
 
 def find_nuclei(image: np.ndarray, um_per_pixel: float, lab: np.ndarray | None = None,
@@ -215,6 +165,11 @@ def find_nuclei(image: np.ndarray, um_per_pixel: float, lab: np.ndarray | None =
     return _fill_holes(_open(nuclei, 1))
 
 
+def min_lobe_area_px(um_per_pixel: float) -> float:
+    """The smallest nucleus lobe kept, ~1.5 um^2, in pixels."""
+    return (1.0 / um_per_pixel) ** 2 * 1.5
+
+
 def glass_lab(image: np.ndarray) -> np.ndarray:
     """L*a*b* of the empty glass (background_colour), the reference for stain colours."""
     return lab_image(background_colour(image)[None, None])[0, 0]
@@ -222,7 +177,8 @@ def glass_lab(image: np.ndarray) -> np.ndarray:
 
 def _smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing of a float image (OpenCV: like skimage's with mode 'nearest', faster)."""
-    return cv2.GaussianBlur(np.asarray(values, np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REPLICATE)
+    return cv2.GaussianBlur(np.asarray(values, np.float32), (0, 0), sigmaX=sigma,
+                            borderType=cv2.BORDER_REPLICATE)
 
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -238,7 +194,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """The mask with its holes filled (background not 4-connected to the border), as scipy's
     binary_fill_holes, several times faster on a large image."""
     background, _ = ndimage.label(~mask)
-    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    border = np.unique(np.concatenate([background[0], background[-1],
+                                       background[:, 0], background[:, -1]]))
     return ~np.isin(background, border[border > 0])
 
 
@@ -254,7 +211,8 @@ def _convex_hull(mask: np.ndarray) -> np.ndarray:
 def _label_within(mask: np.ndarray, gap: float, bridge: np.ndarray | None = None) -> np.ndarray:
     """Labels of `mask`'s pixels, components closer than `gap` pixels sharing a label (and only
     where the pixels between them are in `bridge`, when given); 0 off the mask."""
-    grown = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= gap / 2
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    grown = distance <= gap / 2
     if bridge is not None:
         grown &= bridge
     labels, _ = ndimage.label(grown)
@@ -262,86 +220,7 @@ def _label_within(mask: np.ndarray, gap: float, bridge: np.ndarray | None = None
     return labels
 
 
-def min_lobe_area_px(um_per_pixel: float) -> float:
-    """The smallest nucleus lobe kept, ~1.5 um^2, in pixels."""
-    return (1.0 / um_per_pixel) ** 2 * 1.5
-
-
-def load_segmenter(spec: str | Path | None, um_per_pixel: float = REFERENCE_UM_PER_PIXEL) -> Segmenter:
-    """The segmenter `spec` names, for images at `um_per_pixel`: None or "classical" gives the
-    ClassicalSegmenter, a folder written by `cellatlas segmenter train` a CellposeSegmenter."""
-    if spec is None or str(spec) == "classical":
-        return ClassicalSegmenter(um_per_pixel)
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"segmenter model folder {folder} does not exist")
-    if not (folder / SEGMENTER_FILE).is_file():
-        raise ValueError(f"{folder} is not a segmenter model folder (it has no {SEGMENTER_FILE}); "
-                         "make one with 'cellatlas segmenter train'")
-    from atlas.cellpose_segmenter import CellposeSegmenter  # imports cellpose only when used
-
-    return CellposeSegmenter(folder, um_per_pixel)
-
-
-def version_segmenter(version_dir: Path, manifest: dict) -> Segmenter:
-    """The segmenter an atlas version was built with, at the version's scale: its own copy of
-    the model (manifest "segmenter" -> "path", inside the version), or the classical one."""
-    um_per_pixel = float(manifest["parameters"]["um_per_pixel"])
-    path = (manifest.get("segmenter") or {}).get("path")
-    return load_segmenter(Path(version_dir) / path if path else None, um_per_pixel)
-
-
-def lab_image(image: np.ndarray) -> np.ndarray:
-    """CIE L*a*b* of an RGB uint8 image (L 0-100, a and b around 0), via OpenCV: about ten
-    times faster than scikit-image's float conversion, equal to it within 8-bit rounding."""
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
-    lab[..., 0] *= 100.0 / 255.0
-    lab[..., 1:] -= 128.0
-    return lab
-
-
 def _centre_rank(region: CellRegion, centre: np.ndarray) -> float:
     """Lower is more central; a big nucleus near the centre beats a small stray platelet."""
     distance = np.hypot(*(np.array(region.nucleus_centre) - centre))
     return distance / np.sqrt(region.nucleus.sum() + 1.0)
-
-
-def check_image(image: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise SegmentationError(f"expected an RGB uint8 image, got shape {image.shape} {image.dtype}")
-    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-        h, w = image.shape[:2]
-        raise SegmentationError(
-            f"image is {w}x{h} pixels, too small to hold a white cell (need at least "
-            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})"
-        )
-
-
-def background_colour(image: np.ndarray) -> np.ndarray:
-    """Median colour of the brightest third of pixels: the empty glass between cells."""
-    pixels = image.reshape(-1, 3)
-    brightness = pixels.sum(1)
-    return np.median(pixels[brightness >= np.quantile(brightness, 2 / 3)], axis=0).astype(np.uint8)
-
-
-def crop_cell(
-    image: np.ndarray, region: CellRegion, um_per_pixel: float = REFERENCE_UM_PER_PIXEL,
-    size: int = CROP_SIZE,
-) -> CellCrop:
-    """A size x size crop at the reference scale, centred on the nucleus; the parts outside
-    the image are filled with the background colour."""
-    side = int(round(size * REFERENCE_UM_PER_PIXEL / um_per_pixel))  # source pixels to take
-    cr, cc = (int(round(v)) for v in region.nucleus_centre)
-    r0, c0 = cr - side // 2, cc - side // 2
-    canvas = np.empty((side, side, 3), np.uint8)
-    canvas[:] = background_colour(image)
-    mask = np.zeros((side, side), np.uint8)
-    label = region.label_mask()
-    sr0, sc0 = max(r0, 0), max(c0, 0)
-    sr1, sc1 = min(r0 + side, image.shape[0]), min(c0 + side, image.shape[1])
-    canvas[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = image[sr0:sr1, sc0:sc1]
-    mask[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0] = label[sr0:sr1, sc0:sc1]
-    if side != size:
-        canvas = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-    return CellCrop(image=canvas, mask=mask, bbox=region.bbox)

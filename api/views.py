@@ -1,6 +1,8 @@
-"""The live atlas as the API serves it: a published version with the catalogue's label
-corrections applied, and the archive-wide questions the routes ask of it (cell pages,
-review queue, suspect labels, per-class feature ranges, SOM hits).
+"""The live atlas as the API serves it, mapped to the API's schemas: a published version with
+the catalogue's label corrections laid over it, and the answers the routes give (cell pages,
+review queue, suspect labels, feature ranges, SOM hits). What is decided about cells (which
+label holds, what to review first, which labels are suspect, where a feature lies) is
+decided in `atlas`; this module only shapes those results for HTTP.
 
 `AtlasView` is an immutable snapshot (one atlas version, one state of the corrections log):
 a request that holds one keeps a consistent answer while corrections or a new version arrive.
@@ -8,11 +10,9 @@ a request that holds one keeps a consistent answer while corrections or a new ve
 
 from __future__ import annotations
 
-import copy
 import io
 import threading
 import weakref
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,24 @@ from PIL import Image
 
 from api import schemas
 from api.rle import encode_rle
-from atlas.cells import NoCellFound
-from atlas.features import FEATURE_NAMES, RANGES_FILE, class_ranges, load_class_ranges
-from atlas.reference import LoadedAtlas, QueryResult, UnknownCell
-from atlas.segment import CellRegion
+from atlas.cell import CellRegion, NoCellFound
+from atlas.features import (
+    FEATURE_NAMES,
+    class_feature_percentiles,
+    finite_or_none,
+    named_features,
+    range_position,
+)
+from atlas.labels import (
+    SUSPECT_NEIGHBOURS,
+    Suspect,
+    corrected_labels,
+    latent_neighbours,
+    review_order,
+    suspect_labels,
+)
+from atlas.reference import LoadedAtlas, QueryResult
 from atlas.store import AtlasStore
-
-SUSPECT_NEIGHBOURS = 8
 
 
 class InvalidValue(ValueError):
@@ -69,17 +80,10 @@ class AtlasView:
         self.corrections_stamp = corrections_stamp
         self.cells = atlas.cells
         self.cell_ids = atlas.cells["cell_id"].to_numpy(dtype=object)
-        labels = np.array(atlas.labels, dtype=object, copy=True)
-        corrected = np.zeros(len(labels), bool)
-        for cell_id, label in corrections.items():
-            position = atlas.position.get(cell_id)
-            if position is not None:  # corrections of cells not in this version wait for theirs
-                labels[position], corrected[position] = label, True
-        self.labels, self.corrected = labels, corrected
-        # LoadedAtlas's queries read `labels`; a shallow copy with the corrected labels answers
-        # with them (references, label distribution) and shares the heavy state (index, models).
-        self.atlas = copy.copy(atlas)
-        self.atlas.labels = labels
+        self.labels, self.corrected = corrected_labels(self.cell_ids, atlas.labels, corrections)
+        # Queries of the version with these labels (references, label distribution); the
+        # heavy state (index, models) is shared.
+        self.atlas = atlas.relabelled(self.labels)
         self._by_id_order, self._sorted_ids = _cell_id_order(atlas)
         self._predicted = self.cells["predicted_label"].to_numpy(dtype=object)
         self._entropy = self.cells["entropy_bits"].to_numpy(float)
@@ -98,19 +102,14 @@ class AtlasView:
             raise UnknownLabel(f"unknown label {label!r}; valid labels: {', '.join(self.classes)}")
         return label
 
-    def position_of(self, cell_id: str) -> int:
-        position = self.base.position.get(cell_id)
-        if position is None:
-            raise UnknownCell(cell_id)
-        return position
-
     def label_of(self, cell_id: str) -> str | None:
-        return self.labels[self.position_of(cell_id)]
+        return self.labels[self.base.position_of(cell_id)]
 
     def existing_crop_path(self, cell_id: str) -> Path:
-        path = Path(self.cells["crop_path"].iat[self.position_of(cell_id)])
+        path = self.base.crop_file(cell_id)
         if not path.is_file():
-            raise MissingCrop(f"the crop image of cell {cell_id} is missing ({path.name}); rebuild the atlas")
+            raise MissingCrop(f"the crop image of cell {cell_id} is missing ({path.name}); "
+                              "rebuild the atlas")
         return path
 
     def summary(self, position: int) -> schemas.CellSummary:
@@ -119,11 +118,16 @@ class AtlasView:
         return schemas.CellSummary(
             cell_id=cell_id, label=self.labels[position], predicted_label=self._predicted[position],
             entropy_bits=float(self._entropy[position]), flagged=bool(self._flagged[position]),
-            som_node=schemas.SomNode(row=int(row), col=int(col)), image_url=image_url(cell_id),
+            som_node=som_node((int(row), int(col))), image_url=image_url(cell_id),
         )
 
+    def probabilities(self, position: int) -> dict[str, float]:
+        """The stored (out-of-fold) class probabilities of an archived cell."""
+        stored = self.cells["probabilities"].iat[position]
+        return dict(zip(self.classes, (float(p) for p in stored), strict=True))
+
     def detail(self, cell_id: str) -> schemas.CellDetail:
-        position = self.position_of(cell_id)
+        position = self.base.position_of(cell_id)
         row = self.cells.iloc[position]
         r0, c0, r1, c1 = (int(v) for v in row["bbox"])
         return schemas.CellDetail(
@@ -131,8 +135,8 @@ class AtlasView:
             version=self.version,
             original_label=row["label"],
             corrected=bool(self.corrected[position]),
-            probabilities=dict(zip(self.classes, (float(p) for p in row["probabilities"]), strict=True)),
-            features={name: _finite(row[name]) for name in FEATURE_NAMES},
+            probabilities=self.probabilities(position),
+            features=named_features(row[list(FEATURE_NAMES)]),
             bbox=schemas.BBox(row0=r0, col0=c0, row1=r1, col1=c1),
             source_path=row["source_path"], duplicate_group=row["duplicate_group"],
             split=row["split"], som_distance=float(row["som_distance"]),
@@ -157,7 +161,8 @@ class AtlasView:
             keep &= self._flagged == flagged
         kept = keep[self._by_id_order]
         ordered = self._by_id_order[kept]
-        start = 0 if cursor is None else int(np.searchsorted(self._sorted_ids[kept], cursor, "right"))
+        start = 0 if cursor is None else int(np.searchsorted(self._sorted_ids[kept], cursor,
+                                                             "right"))
         page = ordered[start : start + limit]
         more = start + limit < len(ordered)
         return schemas.CellPage(
@@ -173,35 +178,31 @@ class AtlasView:
     def node_cells(self, row: int, col: int, limit: int) -> schemas.NodeCells:
         """The cells whose best-matching node is (row, col), closest to the node first."""
         self.check_node(row, col)
-        members = np.flatnonzero((self.base.nodes[:, 0] == row) & (self.base.nodes[:, 1] == col))
-        members = members[np.argsort(self.base.som_distance[members], kind="stable")]
+        nodes, distance = self.base.nodes, self.base.som_distance
+        members = np.flatnonzero((nodes[:, 0] == row) & (nodes[:, 1] == col))
+        members = members[np.argsort(distance[members], kind="stable")]
         return schemas.NodeCells(
             version=self.version, row=row, col=col, total=len(members),
             cells=[schemas.NodeCell(**self.summary(int(p)).model_dump(),
-                                    som_distance=float(self.base.som_distance[p])) for p in members[:limit]],
+                                    som_distance=float(distance[p])) for p in members[:limit]],
         )
 
     def review_queue(self, limit: int, label: str | None = None) -> schemas.ReviewQueue:
         """Uncorrected cells, the most uncertain prediction (highest entropy) first."""
-        keep = ~self.corrected
-        if label is not None:
-            keep &= self.labels == self.check_label(label)
-        positions = np.flatnonzero(keep)
-        order = np.lexsort((self.cell_ids[positions].astype(str), -self._entropy[positions]))
-        items = []
-        for p in positions[order[:limit]]:
-            summary = self.summary(int(p))
-            probabilities = self.cells["probabilities"].iat[int(p)]
-            items.append(schemas.ReviewItem(
-                **summary.model_dump(),
-                probabilities=dict(zip(self.classes, (float(v) for v in probabilities), strict=True))))
-        return schemas.ReviewQueue(version=self.version, remaining=len(positions), items=items)
+        among = None if label is None else self.labels == self.check_label(label)
+        order = review_order(self.cell_ids, self._entropy, self.corrected, among)
+        items = [schemas.ReviewItem(**self.summary(int(p)).model_dump(),
+                                    probabilities=self.probabilities(int(p)))
+                 for p in order[:limit]]
+        return schemas.ReviewQueue(version=self.version, remaining=len(order), items=items)
 
     # -- the map ----------------------------------------------------------------------------
     def hits(self, label: str | None) -> schemas.Hits:
         rows, cols = self.base.som.rows, self.base.som.cols
         counts = np.zeros((rows, cols), np.int64)
-        nodes = self.base.nodes if label is None else self.base.nodes[self.labels == self.check_label(label)]
+        nodes = self.base.nodes
+        if label is not None:
+            nodes = nodes[self.labels == self.check_label(label)]
         np.add.at(counts, (nodes[:, 0], nodes[:, 1]), 1)
         return schemas.Hits(version=self.version, rows=rows, cols=cols, label=label,
                             total=int(counts.sum()), counts=counts.tolist())
@@ -209,53 +210,44 @@ class AtlasView:
     def projection(self) -> schemas.Projection:
         return schemas.Projection(
             version=self.version, cell_ids=self.cell_ids.astype(str).tolist(),
-            x=self.cells["umap_x"].astype(float).tolist(), y=self.cells["umap_y"].astype(float).tolist(),
+            x=self.cells["umap_x"].astype(float).tolist(),
+            y=self.cells["umap_y"].astype(float).tolist(),
             labels=self.labels.tolist(), flagged=self._flagged.tolist(),
         )
 
     def label_counts(self) -> dict[str, int]:
-        values, counts = np.unique(self.labels[self.labels != None].astype(str), return_counts=True)  # noqa: E711
+        labelled = self.labels[self.labels != None].astype(str)  # noqa: E711 - elementwise
+        values, counts = np.unique(labelled, return_counts=True)
         return {str(v): int(c) for v, c in zip(values, counts, strict=True)}
 
-    # -- archive-wide judgements ------------------------------------------------------------
+    # -- archive-wide judgements (made by atlas.labels and atlas.features) -------------------
     def suspect_labels(self) -> list[schemas.SuspectLabel]:
         """Uncorrected labelled cells whose label disagrees with the majority (more than half)
         of their SUSPECT_NEIGHBOURS latent reference cells; strongest disagreement first."""
         with self._lock:
             if self._suspects is None:
-                self._suspects = self._find_suspects()
+                neighbours = _latent_neighbours(self.base, SUSPECT_NEIGHBOURS)
+                found = suspect_labels(self.cell_ids, self.labels, self.corrected, self._entropy,
+                                       neighbours)
+                self._suspects = [self._suspect(suspect) for suspect in found]
         return self._suspects
 
-    def _find_suspects(self) -> list[schemas.SuspectLabel]:
-        neighbours = latent_neighbours(self.base, SUSPECT_NEIGHBOURS)
-        found = []
-        for position, row in enumerate(neighbours):
-            label = self.labels[position]
-            if label is None or self.corrected[position]:
-                continue
-            votes = Counter(self.labels[p] for p in row if p >= 0 and self.labels[p] is not None)
-            if not votes:
-                continue
-            majority, count = votes.most_common(1)[0]
-            if majority != label and count > SUSPECT_NEIGHBOURS / 2:
-                found.append(schemas.SuspectLabel(
-                    cell_id=str(self.cell_ids[position]), label=label, majority_label=majority,
-                    votes=count, k=SUSPECT_NEIGHBOURS, entropy_bits=float(self._entropy[position]),
-                    reference_cell_ids=[str(self.cell_ids[p]) for p in row if p >= 0],
-                    image_url=image_url(str(self.cell_ids[position]))))
-        found.sort(key=lambda s: (-s.votes, -s.entropy_bits, s.cell_id))
-        return found
+    def _suspect(self, suspect: Suspect) -> schemas.SuspectLabel:
+        cell_id = str(self.cell_ids[suspect.position])
+        return schemas.SuspectLabel(
+            cell_id=cell_id, label=suspect.label, majority_label=suspect.majority_label,
+            votes=suspect.votes, k=suspect.k, entropy_bits=suspect.entropy_bits,
+            reference_cell_ids=[str(self.cell_ids[p]) for p in suspect.neighbours],
+            image_url=image_url(cell_id))
 
     def feature_ranges(self) -> dict[str, dict[str, list[float]]]:
-        """{feature: {class: [p2, p50, p98]}} over the archive's labelled cells (with the
-        corrections of this view): the build's feature_ranges.json while no correction has
-        changed a label since the build, computed otherwise."""
+        """{feature: {class: [p2, p50, p98]}} over the archive's labelled cells, with the
+        corrections of this view."""
         with self._lock:
             if self._feature_ranges is None:
-                unchanged = list(self.labels) == list(self.base.labels)
-                version_dir = AtlasStore(self.base.home).versions / self.version if unchanged else None
-                self._feature_ranges = class_feature_percentiles(self.cells, self.labels, self.classes,
-                                                                 version_dir=version_dir)
+                self._feature_ranges = class_feature_percentiles(
+                    self.cells, self.labels, self.classes,
+                    stored=self.base.files.read_feature_ranges(), stored_labels=self.base.labels)
         return self._feature_ranges
 
     def feature_positions(self, features: dict[str, float | None]) -> list[schemas.FeaturePosition]:
@@ -263,23 +255,24 @@ class AtlasView:
         ranges = self.feature_ranges()
         return [
             schemas.FeaturePosition(feature=name, value=value, classes={
-                label: schemas.FeatureRange(p2=_finite(p2), p50=_finite(p50), p98=_finite(p98),
-                                            position=range_position(value, p2, p98))
+                label: schemas.FeatureRange(
+                    p2=finite_or_none(p2), p50=finite_or_none(p50), p98=finite_or_none(p98),
+                    position=range_position(value, p2, p98))
                 for label, (p2, p50, p98) in ranges[name].items()})
             for name, value in features.items()
         ]
 
     # -- query results ----------------------------------------------------------------------
-    def reference_response(self, result: QueryResult, method: str, k: int) -> schemas.ReferenceCellsResponse:
+    def reference_response(self, result: QueryResult, method: str,
+                           k: int) -> schemas.ReferenceCellsResponse:
         return schemas.ReferenceCellsResponse(
             version=result.version, method=method, k=k, cell_id=result.cell_id,
             prediction=prediction(result), label_distribution=result.label_distribution,
-            som_node=schemas.SomNode(row=result.som_node[0], col=result.som_node[1]),
-            features=result.features,
+            som_node=som_node(result.som_node), features=result.features,
             references=[schemas.ReferenceCell(
                 cell_id=r.cell_id, label=r.label, distance=r.distance,
-                som_node=schemas.SomNode(row=r.som_node[0], col=r.som_node[1]),
-                image_url=image_url(r.cell_id)) for r in result.references],
+                som_node=som_node(r.som_node), image_url=image_url(r.cell_id))
+                for r in result.references],
             timings_ms=result.timings_ms,
         )
 
@@ -287,9 +280,13 @@ class AtlasView:
         return schemas.ClassifyResponse(
             version=result.version, prediction=prediction(result), features=result.features,
             feature_positions=self.feature_positions(result.features),
-            som_node=schemas.SomNode(row=result.som_node[0], col=result.som_node[1]),
+            som_node=som_node(result.som_node),
             label_distribution=result.label_distribution, timings_ms=result.timings_ms,
         )
+
+
+def som_node(node: tuple[int, int]) -> schemas.SomNode:
+    return schemas.SomNode(row=node[0], col=node[1])
 
 
 def prediction(result: QueryResult) -> schemas.Prediction:
@@ -303,11 +300,12 @@ def atlas_summary(view: AtlasView) -> schemas.AtlasSummary:
     som = manifest.get("som", {})
     return schemas.AtlasSummary(
         version=view.version, built_at=manifest.get("built_at"), classes=view.classes,
-        cells=len(view.cells), counts_by_label=view.label_counts(), corrected_cells=int(view.corrected.sum()),
+        cells=len(view.cells), counts_by_label=view.label_counts(),
+        corrected_cells=int(view.corrected.sum()),
         som=schemas.SomSummary(rows=atlas.som.rows, cols=atlas.som.cols,
                                quantization_error=som.get("quantization_error"),
                                topographic_error=som.get("topographic_error")),
-        flag_threshold_bits=atlas.flag_bits, um_per_pixel=atlas.um_per_pixel,
+        flag_threshold_bits=atlas.classifier.flag_bits_, um_per_pixel=atlas.um_per_pixel,
     )
 
 
@@ -318,12 +316,14 @@ def versions(home: Path) -> schemas.Versions:
     for version in store.list_versions():
         manifest = store.manifest(version)
         infos.append(schemas.VersionInfo(
-            version=version, built_at=manifest.get("built_at"), cells=manifest.get("inputs", {}).get("cells"),
+            version=version, built_at=manifest.get("built_at"),
+            cells=manifest.get("inputs", {}).get("cells"),
             classes=manifest.get("classes", []), live=version == current))
     return schemas.Versions(current=current, versions=infos)
 
 
-def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter) -> schemas.SegmentResponse:
+def segment_response(image: np.ndarray, regions: list[CellRegion],
+                     segmenter) -> schemas.SegmentResponse:
     if not regions:
         raise NoCellFound("no white cell found in the image")
     cells = []
@@ -336,8 +336,9 @@ def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter) ->
             nucleus_mask=schemas.RLE(**encode_rle(region.nucleus)),
             cell_area_px=int(region.cell.sum()), nucleus_area_px=int(region.nucleus.sum()),
             nucleus_centre=schemas.Point(x=centre_col, y=centre_row)))
-    return schemas.SegmentResponse(width=image.shape[1], height=image.shape[0], segmenter=segmenter.name,
-                                   um_per_pixel=segmenter.um_per_pixel, cells=cells)
+    return schemas.SegmentResponse(width=image.shape[1], height=image.shape[0],
+                                   segmenter=segmenter.name, um_per_pixel=segmenter.um_per_pixel,
+                                   cells=cells)
 
 
 def u_matrix_png(u_matrix: np.ndarray, scale: int) -> bytes:
@@ -353,15 +354,15 @@ def u_matrix_png(u_matrix: np.ndarray, scale: int) -> bytes:
     return buffer.getvalue()
 
 
-# -- helpers that belong in atlas/ ---------------------------------------------------------------
+# -- per loaded version, computed once (a new version is a new LoadedAtlas) ---------------------
+_cache_lock = threading.Lock()
 _neighbour_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_neighbour_lock = threading.Lock()
 _order_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cell_id_order(atlas: LoadedAtlas) -> tuple[np.ndarray, np.ndarray]:
-    """(positions in cell_id order, the sorted cell ids), computed once per loaded version."""
-    with _neighbour_lock:
+    """(positions in cell_id order, the sorted cell ids) of a loaded version."""
+    with _cache_lock:
         if atlas not in _order_cache:
             ids = atlas.cells["cell_id"].to_numpy(dtype=str)
             order = np.argsort(ids, kind="stable")
@@ -369,46 +370,12 @@ def _cell_id_order(atlas: LoadedAtlas) -> tuple[np.ndarray, np.ndarray]:
         return _order_cache[atlas]
 
 
-def latent_neighbours(atlas: LoadedAtlas, k: int) -> np.ndarray:
-    """(n, k) positions of each archived cell's k nearest cells in the latent space, leaving out
-    the cell and its duplicates (as `reference_cells` does); -1 where there are fewer."""
-    with _neighbour_lock:
+def _latent_neighbours(atlas: LoadedAtlas, k: int) -> np.ndarray:
+    """`atlas.labels.latent_neighbours` of a loaded version's archived cells: they do not
+    depend on labels, so every view of the version (one per corrections state) shares them."""
+    with _cache_lock:
         cached = _neighbour_cache.get(atlas)
-        if cached is not None and cached.shape[1] == k:
-            return cached
-        groups = atlas.cells["duplicate_group"].to_numpy(dtype=object)
-        largest_group = int(atlas.cells["duplicate_group"].value_counts().max())
-        _, found = atlas.index.search(atlas.latents, k + largest_group)
-        same = (found < 0) | (groups[found.clip(0)] == groups[:, None])
-        order = np.argsort(same, axis=1, kind="stable")[:, :k]  # other cells first, nearest first
-        picked = np.take_along_axis(found, order, 1)
-        picked[np.take_along_axis(same, order, 1)] = -1
-        if picked.shape[1] < k:
-            picked = np.pad(picked, ((0, 0), (0, k - picked.shape[1])), constant_values=-1)
-        _neighbour_cache[atlas] = picked
-        return picked
-
-
-def class_feature_percentiles(cells, labels: np.ndarray, classes: list[str],
-                              version_dir: Path | None = None) -> dict:
-    """{feature: {class: [p2, p50, p98]}}, NaN-aware, from the cells of each class (classes
-    with no finite value of a feature left out). With `version_dir`, the ranges the build
-    stored there (feature_ranges.json) when it has them for these features; pass it only when
-    `labels` are the labels the version was built with. Otherwise computed from `cells`."""
-    if version_dir is not None:
-        stored = load_class_ranges(Path(version_dir) / RANGES_FILE)
-        if stored is not None:
-            return stored
-    return class_ranges(cells[list(FEATURE_NAMES)].to_numpy(float), labels, classes)
-
-
-def range_position(value: float | None, low: float, high: float) -> str | None:
-    """'below' the class's 2nd percentile, 'above' its 98th, or 'within'; None if unknown."""
-    if value is None or not np.isfinite(low) or not np.isfinite(high):
-        return None
-    return "below" if value < low else "above" if value > high else "within"
-
-
-def _finite(value) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None
+        if cached is None or cached.shape[1] != k:
+            cached = _neighbour_cache[atlas] = latent_neighbours(
+                atlas.index, atlas.latents, atlas.cells["duplicate_group"], k)
+        return cached

@@ -1,0 +1,145 @@
+"""`cellatlas build | rebuild | query | evaluate | split | demo`: make, rebuild, ask and measure
+an atlas."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from indexer import report
+from indexer.cli.args import positive_float, positive_int, read_file, som_shape
+
+
+def add_commands(sub) -> None:
+    from atlas.backbone import PRESETS
+    from atlas.classifier import DEFAULT_FLAG_BITS
+    from atlas.reference import METHODS
+
+    p = sub.add_parser("build", help="build and publish an atlas version from a folder of images")
+    p.add_argument("--images", required=True, help="folder with one sub-folder per class (or a flat folder)")
+    p.add_argument("--home", required=True, help="ATLAS_HOME: where versions are published")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="backbone size (default: cpu)")
+    p.add_argument("--epochs", type=positive_int, help="backbone epochs (default: the preset's)")
+    p.add_argument("--latent-dim", type=positive_int, default=50, help="VAE latent size (default 50)")
+    p.add_argument("--som-shape", help="SOM grid as ROWSxCOLS (default: from the archive size)")
+    p.add_argument("--som-epochs", type=positive_int, default=30)
+    p.add_argument("--flag-entropy", default=str(DEFAULT_FLAG_BITS),
+                   help="entropy (bits) above which a prediction is flagged, or 'auto' (default 1.3)")
+    p.add_argument("--um-per-pixel", type=positive_float, default=0.1, help="image scale (default 0.1)")
+    p.add_argument("--segmenter", metavar="MODEL",
+                   help="a trained segmenter folder (cellatlas segmenter train); default: classical thresholds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from public weights (preset xception41; needs network access)")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("rebuild", help="publish a new version of the live atlas with the label corrections")
+    p.add_argument("--home", required=True, help="ATLAS_HOME whose live version is rebuilt")
+    p.add_argument("--retrain-backbone", action="store_true",
+                   help="also retrain backbone, VAE, index and SOM (a full build on the live version's images)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--job-id", help="the jobs-table row to report progress in (default: a new one)")
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the API hands its rebuild lock over
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    p.set_defaults(run=cmd_rebuild)
+
+    p = sub.add_parser("query", help="reference cells and prediction for one image")
+    p.add_argument("image")
+    p.add_argument("--home", required=True)
+    p.add_argument("--k", type=positive_int, default=8)
+    p.add_argument("--method", default="latent", choices=METHODS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_query)
+
+    p = sub.add_parser("evaluate", help="measure the live atlas on labelled images not in its build")
+    p.add_argument("--home", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--rotation-per-class", type=int, default=50,
+                   help="archived cells per class for the rotation check (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("split", help="stratified train/test split of a class folder, as symlinks")
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_split)
+
+    p = sub.add_parser("demo", help="build an atlas of generated cells and query it")
+    p.add_argument("--home", default=".demo-atlas")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true", help="build and query only")
+    p.set_defaults(run=cmd_demo)
+
+
+def cmd_build(args) -> int:
+    from indexer.build import build
+    from indexer.config import BuildConfig
+
+    config = BuildConfig(
+        images=Path(args.images), home=Path(args.home), preset=args.preset, epochs=args.epochs,
+        latent_dim=args.latent_dim, som_shape=som_shape(args.som_shape), som_epochs=args.som_epochs,
+        flag_entropy=args.flag_entropy if args.flag_entropy == "auto" else float(args.flag_entropy),
+        um_per_pixel=args.um_per_pixel, segmenter=args.segmenter, seed=args.seed, device=args.device,
+        pretrained=args.pretrained, progress=not args.quiet,
+        **({"threads": args.threads} if args.threads else {}),
+    )
+    result = build(config)
+    if args.quiet:
+        print(result.version)
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    from indexer.rebuild import rebuild
+
+    version = rebuild(Path(args.home), retrain_backbone=args.retrain_backbone, progress=not args.quiet,
+                      threads=args.threads, job_id=args.job_id, lock_fd=args.lock_fd)
+    print(version)
+    return 0
+
+
+def cmd_query(args) -> int:
+    from dataclasses import asdict
+
+    from atlas.ingest import content_hash, read_image_bytes
+    from atlas.reference import LoadedAtlas
+
+    data = read_file(args.image)
+    image = read_image_bytes(data)
+    result = LoadedAtlas.open(args.home).query_image(image, k=args.k, method=args.method,
+                                                     image_sha=content_hash(data))
+    print(json.dumps(asdict(result), indent=2) if args.json else report.query_text(result, args.method))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from indexer.evaluate import evaluate
+
+    result = evaluate(Path(args.home), Path(args.images), rotmes_per_class=args.rotation_per_class,
+                      seed=args.seed, progress=not args.quiet)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_split(args) -> int:
+    from indexer.split import split_folder
+
+    print(json.dumps(split_folder(Path(args.images), Path(args.out), args.test_fraction, args.seed), indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from indexer.demo import run_demo
+
+    return run_demo(Path(args.home), serve=not args.no_serve, port=args.port)

@@ -1,0 +1,254 @@
+"""The steps of a build, as functions over explicit inputs and outputs, shared by build,
+rebuild (and the jobs that come after them). None of them edits a table it was given: each
+returns what it made, and the job that calls it decides where the result goes.
+
+    prepare_images     ingest + segment + crop + describe + hash, in worker processes
+    relabel            the corrections log over the folder labels
+    deduplicate        average hash, FAISS binary index, same-class groups
+    assign_splits      train / validation for the backbone, duplicate groups kept together
+    train_backbone     Xception trained as a classifier
+    train_vae          the VAE over the tapped features (with the backbone: the Embedder)
+    train_som          batch SOM, best node and distance per cell
+    project            2-D UMAP
+    train_classifier   XGBoost on features + latent, out-of-fold predictions
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from atlas.backbone import PRESETS, Backbone
+from atlas.catalog import Catalog
+from atlas.cell import SegmentationError
+from atlas.classifier import CellClassifier, Predictions, classifier_input
+from atlas.crop import model_input
+from atlas.dedup import find_duplicates
+from atlas.features import FEATURE_NAMES
+from atlas.files import save_image_atomic
+from atlas.ingest import ImageReadError, ImageRecord, Rejection, content_hash, read_image_bytes
+from atlas.labels import corrected_labels
+from atlas.prepare import prepare_cells
+from atlas.progress import progress
+from atlas.projection import umap_projection
+from atlas.runtime import resolve_device
+from atlas.segmentation import Segmenter
+from atlas.som import BatchSOM, grid_shape_for
+from atlas.vae import VAE
+from atlas.version import crop_path, mask_path
+from indexer.config import BuildConfig, BuildError
+
+
+# -- ingest, segment, describe ----------------------------------------------------------------
+@dataclass
+class PreparedImages:
+    cells: pd.DataFrame  # one row per cell: ids, source, label, box, crop path, hashes, features
+    model_inputs: np.ndarray  # (cells, S, S, 3) uint8: each crop as the backbone sees it
+    rejections: list[Rejection]
+
+
+def prepare_images(records: list[ImageRecord], segmenter: Segmenter, config: BuildConfig) -> PreparedImages:
+    """Read, hash, segment, crop and describe every image in worker processes; crops are
+    written under ATLAS_HOME (content-addressed, shared by versions). Identical files are
+    ingested once; the rest of the repeats are rejected with the first file named."""
+    input_size = PRESETS[config.preset].input_size
+    jobs = [(str(r.path), r.label, segmenter, config.um_per_pixel, input_size, str(config.home)) for r in records]
+    rows, crops, rejections, seen = [], [], [], {}
+    with ProcessPoolExecutor(max_workers=max(1, config.threads), initializer=_worker_init) as pool:
+        results = pool.map(_prepare_file, jobs, chunksize=16)
+        for (path, label, *_), result in progress(zip(jobs, results), config.progress, total=len(jobs),
+                                                  desc="segment", unit="img"):
+            if isinstance(result, str):
+                rejections.append(Rejection(path, result))
+                continue
+            sha = result[0][0]["source_sha256"]
+            if sha in seen:
+                first_path, first_label = seen[sha]
+                conflict = f" (labelled {first_label!r} there, {label!r} here)" if first_label != label else ""
+                rejections.append(Rejection(path, f"identical file already ingested: {first_path}{conflict}"))
+                continue
+            seen[sha] = (path, label)
+            for row, crop in result:
+                rows.append(row)
+                crops.append(crop)
+    if not rows:
+        raise BuildError(f"none of the {len(records)} images gave a cell; reasons: {count_reasons(rejections)}")
+    return PreparedImages(pd.DataFrame(rows), np.stack(crops), rejections)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _prepare_file(job):
+    """One image -> list of (row, model-size crop), or the reason it was rejected."""
+    path, label, segmenter, um_per_pixel, input_size, home = job
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return f"cannot read file ({error.strerror or error})"
+    try:
+        image = read_image_bytes(data)
+        # A class folder's label names the image's main cell; an unlabelled image (a smear field)
+        # gives every white cell found, each indexed as its own cell.
+        prepared = prepare_cells(image, segmenter, um_per_pixel, all_cells=label is None)
+    except (ImageReadError, SegmentationError) as error:
+        return str(error)
+    sha = content_hash(data)
+    out = []
+    for cell in prepared:
+        cell_id = f"{sha[:16]}-{cell.index}"
+        relative = crop_path(segmenter.name, cell_id)
+        target = Path(home) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            save_image_atomic(Image.fromarray(cell.crop.image), target, quality=92)
+            save_image_atomic(Image.fromarray(cell.crop.mask), mask_path(target))
+        r0, c0, r1, c1 = cell.crop.bbox
+        row = {"cell_id": cell_id, "source_path": str(Path(path).resolve()), "source_sha256": sha,
+               "cell_index": cell.index, "label": label, "bbox": [r0, c0, r1, c1], "crop_path": relative,
+               "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash, "segment_ms": round(cell.segment_ms, 2),
+               **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
+        out.append((row, model_input([cell.crop], input_size)[0]))
+    return out
+
+
+def count_reasons(rejections: list[Rejection]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rejection in rejections:
+        key = rejection.reason.split(" (")[0].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+# -- labels -------------------------------------------------------------------------------------
+def relabel(cell_ids, folder_labels, catalog: Catalog, previous_labels=None) -> tuple[np.ndarray, dict]:
+    """Technologists' corrections (latest per cell wins) over the folder labels. Read once, at
+    the start: corrections made while the job runs wait for the next one. Returns the labels
+    and what the manifest records (with `previous_labels`, a parent version's, how many the
+    corrections changed since)."""
+    through, corrections = catalog.effective_labels()
+    labels, corrected = corrected_labels(cell_ids, folder_labels, corrections)
+    known = set(cell_ids)
+    summary = {
+        "applied_through_correction_id": through,
+        "cells_relabelled": int(corrected.sum()),
+        "corrections_for_cells_not_in_version": sum(1 for cell_id in corrections if cell_id not in known),
+    }
+    if previous_labels is not None:
+        before = pd.Series(previous_labels, dtype=object).fillna("\0").to_numpy()
+        summary["labels_changed_since_parent"] = int((before != pd.Series(labels, dtype=object).fillna("\0").to_numpy()).sum())
+    return labels, summary
+
+
+def classes_of(labels: np.ndarray) -> list[str]:
+    return sorted({label for label in labels if label is not None and label == label})
+
+
+# -- deduplicate ----------------------------------------------------------------------------------
+def deduplicate(cell_ids, ahashes, fine_hashes, labels) -> tuple[np.ndarray, dict]:
+    """Each cell's duplicate group (named by its first cell, so that ids are stable and
+    readable) and the manifest's summary (groups, pairs at 3 bits to review)."""
+    hashes = np.array([int(h, 16) for h in ahashes], dtype=np.uint64)
+    result = find_duplicates(hashes, list(fine_hashes), list(labels))
+    ids = np.asarray(cell_ids, dtype=object)
+    groups = pd.Series(ids).groupby(result.group).transform("first").to_numpy()
+    sizes = pd.Series(result.group).value_counts()
+    return groups, {
+        "groups_with_duplicates": int((sizes > 1).sum()),
+        "cells_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+        "pairs_to_review": [{"a": ids[i], "b": ids[j], "bits": d} for i, j, d in result.review_pairs[:1000]],
+        "pairs_to_review_total": len(result.review_pairs),
+    }
+
+
+# -- embed -----------------------------------------------------------------------------------------
+def assign_splits(labels: np.ndarray, groups: np.ndarray, classes: list[str], val_fraction: float,
+                  seed: int) -> np.ndarray:
+    """'train' / 'val' for labelled cells (stratified, duplicate groups kept together so that
+    validation is honest); None for unlabelled cells."""
+    labels = np.asarray(labels, dtype=object)
+    split = np.array([None] * len(labels), dtype=object)
+    labelled = np.flatnonzero(pd.notna(labels))
+    group_ids, first = np.unique(np.asarray(groups)[labelled], return_index=True)
+    group_labels = labels[labelled][first]
+    counts = pd.Series(group_labels).value_counts()
+    can_stratify = counts.min() >= 2 and val_fraction * len(group_ids) >= len(classes)
+    if val_fraction <= 0 or len(group_ids) < 4:
+        split[labelled] = "train"
+        return split
+    _, val_groups = train_test_split(group_ids, test_size=val_fraction, random_state=seed,
+                                     stratify=group_labels if can_stratify else None)
+    split[labelled] = np.where(np.isin(np.asarray(groups)[labelled], val_groups), "val", "train")
+    return split
+
+
+def train_backbone(model_inputs: np.ndarray, labels: np.ndarray, split: np.ndarray, classes: list[str],
+                   config: BuildConfig) -> Backbone:
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.array([class_index.get(v, -1) for v in labels])
+    train, val = split == "train", split == "val"
+    backbone = Backbone(config.preset, epochs=config.epochs, seed=config.seed, device=config.device,
+                        pretrained=config.pretrained)
+    return backbone.fit(model_inputs[train], y[train], classes, model_inputs[val], y[val],
+                        progress=config.progress)
+
+
+def train_vae(tapped: np.ndarray, config: BuildConfig) -> VAE:
+    return VAE(latent_dim=config.latent_dim, epochs=config.vae_epochs, seed=config.seed).fit(
+        tapped, progress=config.progress)
+
+
+# -- map ---------------------------------------------------------------------------------------------
+def train_som(latents: np.ndarray, config: BuildConfig) -> tuple[BatchSOM, np.ndarray, np.ndarray]:
+    """The map (it learns its own input scaling), each cell's best node (n, 2) and its
+    distance to that node."""
+    rows, cols = config.som_shape or grid_shape_for((latents - latents.mean(0)) / (latents.std(0) + 1e-6))
+    device = resolve_device("cpu" if config.device == "cpu" else "auto").type
+    som = BatchSOM(rows, cols, epochs=config.som_epochs, seed=config.seed, device=device).fit(latents)
+    return som, som.winners(latents), som.node_distances(latents)
+
+
+def project(latents: np.ndarray, seed: int) -> np.ndarray:
+    return umap_projection(latents, seed=seed)
+
+
+# -- classify ----------------------------------------------------------------------------------------
+def train_classifier(features: np.ndarray, latents: np.ndarray, labels: np.ndarray, split: np.ndarray,
+                     classes: list[str], config: BuildConfig) -> tuple[CellClassifier, Predictions, dict]:
+    """The classifier, every cell's prediction (out-of-fold for labelled cells: from a model
+    that did not see the cell; the final model's for unlabelled ones) and the manifest's
+    summary."""
+    x = classifier_input(features, latents)
+    labelled = pd.notna(np.asarray(labels, dtype=object))
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.array([class_index[v] for v in np.asarray(labels, dtype=object)[labelled]])
+    classifier = CellClassifier(flag_entropy=config.flag_entropy, seed=config.seed, threads=config.threads)
+    classifier.fit(x[labelled], y, classes)
+    proba = np.zeros((len(x), len(classes)))
+    proba[labelled] = classifier.out_of_fold_proba_
+    if (~labelled).any():
+        proba[~labelled] = classifier.predict_proba(x[~labelled])
+    predictions = classifier.predictions(proba)
+    correct = classifier.out_of_fold_proba_.argmax(1) == y
+    val = (np.asarray(split, dtype=object) == "val")[labelled]
+    return classifier, predictions, {
+        "flag_threshold_bits": classifier.flag_bits_,
+        "flag_threshold_auto": classifier.flag_choice_,
+        "out_of_fold_accuracy": float(correct.mean()),
+        "out_of_fold_accuracy_val_split": float(correct[val].mean()) if val.any() else None,
+        "share_flagged": float(predictions.flagged.mean()),
+    }
+
+
+def prediction_columns(predictions: Predictions) -> dict:
+    """The cells table's columns for the predictions."""
+    return {"predicted_label": predictions.labels, "probabilities": list(predictions.probabilities.astype(np.float32)),
+            "entropy_bits": predictions.entropy_bits, "flagged": predictions.flagged}
