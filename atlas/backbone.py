@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.xception_aligned import XceptionAligned
 from torch import nn
-from tqdm import tqdm
 
 from atlas.progress import Say
+from atlas.progress import progress as progress_bar
 from atlas.runtime import resolve_device
 
 
@@ -186,8 +186,8 @@ class Backbone:
             started = time.perf_counter()
             order = torch.randperm(len(x_all), generator=generator)
             losses, correct = [], 0
-            bar = tqdm(range(steps_per_epoch), desc=f"backbone epoch {epoch + 1}/{self.epochs}",
-                       disable=not progress, leave=False, unit="batch")
+            bar = progress_bar(range(steps_per_epoch), progress, desc=f"backbone epoch {epoch + 1}/{self.epochs}",
+                               leave=False, unit="batch")
             for step in bar:
                 idx = order[step * batch : (step + 1) * batch]
                 x = augment(x_all[idx].float() / 255.0, generator)
@@ -236,7 +236,7 @@ class Backbone:
         chunk = max(1, views_per_batch // n_views)
         out = []
         starts = range(0, len(images), chunk)
-        for start in tqdm(starts, desc="embed", disable=not progress, unit="chunk", leave=False):
+        for start in progress_bar(starts, progress, desc="embed", unit="chunk", leave=False):
             x = self._prepare(images[start : start + chunk])
             views = torch.cat(dihedral_views(x, self.view_angles)).contiguous(memory_format=torch.channels_last)
             tapped = self._tap(views).view(n_views, len(x), -1)

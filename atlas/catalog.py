@@ -109,14 +109,10 @@ class Catalog:
                     before: int | None = None) -> list[dict]:
         """Corrections newest first, optionally of one cell or one author; `before` (a
         correction_id) pages back through older ones."""
-        where, params = ["TRUE"], []
-        for condition, value in (("cell_id = ?", cell_id), ("author = ?", author), ("correction_id < ?", before)):
-            if value is not None:
-                where.append(condition)
-                params.append(value)
+        where, params = _filters(("cell_id = ?", cell_id), ("author = ?", author), ("correction_id < ?", before))
         with self.connect(read_only=True) as db:
             rows = db.execute(
-                f"SELECT {', '.join(CORRECTION_FIELDS)} FROM corrections WHERE {' AND '.join(where)} "
+                f"SELECT {', '.join(CORRECTION_FIELDS)} FROM corrections WHERE {where} "
                 "ORDER BY correction_id DESC LIMIT ?", [*params, limit]).fetchall()
         return [_correction(row) for row in rows]
 
@@ -138,14 +134,10 @@ class Catalog:
 
     def jobs(self, kind: str | None = None, state: str | None = None, limit: int = 20) -> list[dict]:
         """Jobs newest first, optionally of one kind and state."""
-        where, params = ["TRUE"], []
-        for column, value in (("kind", kind), ("state", state)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
+        where, params = _filters(("kind = ?", kind), ("state = ?", state))
         with self.connect(read_only=True) as db:
             rows = db.execute(
-                f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE {' AND '.join(where)} "
+                f"SELECT {', '.join(JOB_FIELDS)} FROM jobs WHERE {where} "
                 "ORDER BY started_at DESC LIMIT ?", [*params, limit]).fetchall()
         return [_job(row) for row in rows]
 
@@ -215,6 +207,12 @@ CORRECTION_FIELDS = ("correction_id", "cell_id", "old_label", "new_label", "note
                      "atlas_version")
 JOB_FIELDS = ("job_id", "kind", "state", "started_at", "finished_at", "version", "message", "progress")
 KEY_FIELDS = ("key_id", "name", "role")
+
+
+def _filters(*conditions: tuple[str, object]) -> tuple[str, list]:
+    """A WHERE clause of the (condition, value) pairs whose value is given, and its parameters."""
+    given = [(condition, value) for condition, value in conditions if value is not None]
+    return " AND ".join(["TRUE"] + [condition for condition, _ in given]), [value for _, value in given]
 
 
 def _now() -> datetime:

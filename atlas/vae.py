@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from torch import nn
-from tqdm import tqdm
+
+from atlas.progress import progress as progress_bar
 
 
 class _Network(nn.Module):
@@ -80,7 +81,7 @@ class VAE:
         optimiser = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         batch = min(self.batch_size, len(x_all))
         self.history_ = []
-        for epoch in tqdm(range(self.epochs), desc="VAE", disable=not progress, unit="epoch", leave=False):
+        for epoch in progress_bar(range(self.epochs), progress, desc="VAE", unit="epoch", leave=False):
             net.train()
             order = torch.randperm(len(x_all), generator=generator)
             totals = np.zeros(2)

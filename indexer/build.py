@@ -106,32 +106,8 @@ def build(config: BuildConfig) -> BuildResult:
             files.write_cells(cells)
             files.write_feature_ranges(cells, classes)
             files.write_rejections(rejections)
-        manifest = {
-            "cellatlas": __version__,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "inputs": {"images": str(Path(config.images).resolve()), "image_files": len(records),
-                       "cells": int(len(cells)), "rejected": len(rejections),
-                       "rejections_by_reason": steps.count_reasons(rejections)},
-            "parameters": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                           "backbone_preset": asdict(backbone.preset),
-                           "segmenter": str(Path(config.segmenter).resolve()) if config.segmenter else "classical",
-                           "crop_size": CROP_SIZE, "feature_names": list(FEATURE_NAMES)},
-            "segmenter": {"kind": "cellpose" if config.segmenter else "classical", "name": segmenter.name,
-                          "path": segmenter_path,
-                          "ms_per_cell": round(float(cells["segment_ms"].mean()), 1)},
-            "classes": classes,
-            "counts_by_class": counts_by_class(cells["label"]),
-            "corrections": corrections,
-            "duplicates": duplicates,
-            "backbone": {"history": backbone.history_, "feature_dim": backbone.feature_dim},
-            "vae": {"final": vae.history_[-1] if vae.history_ else None, "whiten_dim": vae.whiten_dim,
-                    "whitened_components": None if vae.projection_ is None else int(vae.projection_.shape[1])},
-            "som": {"rows": som.rows, "cols": som.cols, "epochs": config.som_epochs,
-                    "quantization_error": som.quantization_error_, "topographic_error": som.topographic_error_},
-            "classifier": classification,
-            "timings_s": timings.seconds,
-            "job_id": job_id,
-        }
+        manifest = _manifest(config, records, cells, rejections, segmenter.name, segmenter_path, classes,
+                             corrections, duplicates, embedder, som, classification, timings, job_id)
         with timings("publish"):
             version = store.publish(staging, manifest)
         catalog.update_job(job_id, state="succeeded", version=version)
@@ -142,6 +118,38 @@ def build(config: BuildConfig) -> BuildResult:
             store.discard(staging)
         catalog.update_job(job_id, state="failed", message=f"{type(error).__name__}: {error}"[:2000])
         raise
+
+
+def _manifest(config, records, cells, rejections, segmenter_name, segmenter_path, classes, corrections,
+              duplicates, embedder, som, classification, timings, job_id) -> dict:
+    """What the version records about itself: inputs, parameters, metrics, timings."""
+    backbone, vae = embedder.backbone, embedder.vae
+    return {
+        "cellatlas": __version__,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": {"images": str(Path(config.images).resolve()), "image_files": len(records),
+                   "cells": int(len(cells)), "rejected": len(rejections),
+                   "rejections_by_reason": steps.count_reasons(rejections)},
+        "parameters": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                       "backbone_preset": asdict(backbone.preset),
+                       "segmenter": str(Path(config.segmenter).resolve()) if config.segmenter else "classical",
+                       "crop_size": CROP_SIZE, "feature_names": list(FEATURE_NAMES)},
+        "segmenter": {"kind": "cellpose" if config.segmenter else "classical", "name": segmenter_name,
+                      "path": segmenter_path,
+                      "ms_per_cell": round(float(cells["segment_ms"].mean()), 1)},
+        "classes": classes,
+        "counts_by_class": counts_by_class(cells["label"]),
+        "corrections": corrections,
+        "duplicates": duplicates,
+        "backbone": {"history": backbone.history_, "feature_dim": backbone.feature_dim},
+        "vae": {"final": vae.history_[-1] if vae.history_ else None, "whiten_dim": vae.whiten_dim,
+                "whitened_components": None if vae.projection_ is None else int(vae.projection_.shape[1])},
+        "som": {"rows": som.rows, "cols": som.cols, "epochs": config.som_epochs,
+                "quantization_error": som.quantization_error_, "topographic_error": som.topographic_error_},
+        "classifier": classification,
+        "timings_s": timings.seconds,
+        "job_id": job_id,
+    }
 
 
 def counts_by_class(labels) -> dict[str, int]:

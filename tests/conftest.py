@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,21 @@ def require_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (it sits beside the repository in ../shared/data)")
     return path
+
+
+def home_copy(source: Path, tmp_path: Path) -> Path:
+    """A copy of an atlas home with its own catalogue, for tests that change state."""
+    copy = tmp_path / "home"
+    shutil.copytree(source, copy)
+    return copy
+
+
+@contextmanager
+def open_client(home: Path):
+    """A test client of the app serving `home` without authentication."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app(home, open_access=True)) as client:
+        yield client

@@ -22,6 +22,7 @@ from api.settings import Settings
 from atlas.features import FEATURE_NAMES
 from atlas.synthetic import CLASSES, synthetic_cell
 from indexer.build import BuildConfig, build
+from tests.conftest import home_copy, open_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:n_jobs value .* overridden:UserWarning")  # umap, in the build
 
@@ -57,15 +58,12 @@ def client(built, tokens):
 
 @pytest.fixture
 def fresh_home(built, tmp_path) -> Path:
-    """A copy of the built atlas with its own catalogue, for tests that change state."""
-    home = tmp_path / "home"
-    shutil.copytree(built, home)
-    return home
+    return home_copy(built, tmp_path)
 
 
 @pytest.fixture
 def fresh_client(fresh_home):
-    with TestClient(create_app(fresh_home, open_access=True)) as client:
+    with open_client(fresh_home) as client:
         yield client
 
 

@@ -4,7 +4,6 @@ a rebuild killed mid-way loses nothing and the next one succeeds."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from atlas.store import AtlasStore
 from indexer.config import parent_config
 from indexer.rebuild import rebuild
 from indexer.steps import relabel
+from tests.conftest import home_copy, open_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:n_jobs value .* overridden:UserWarning")  # umap, in builds
 
@@ -30,15 +30,12 @@ WAIT_S = 180  # a rebuild process imports torch first: seconds on an idle machin
 @pytest.fixture
 def home(built_atlas, tmp_path) -> Path:
     """A copy of the session's tiny atlas (version 000001) with its own catalogue."""
-    source, _ = built_atlas
-    copy = tmp_path / "home"
-    shutil.copytree(source, copy)
-    return copy
+    return home_copy(built_atlas[0], tmp_path)
 
 
 @pytest.fixture
 def client(home):
-    with TestClient(create_app(home, open_access=True)) as client:
+    with open_client(home) as client:
         yield client
 
 

@@ -172,6 +172,12 @@ def test_map_node_gallery_opens_a_cell_with_8_reference_cells(page: Page, base_u
     _screenshot(page, "map")
 
     page.locator("#map-canvas").focus()  # the keyboard walks the grid from the open node
+    fitted = page.locator("#map-canvas").screenshot()
+    page.keyboard.press("+")  # zoom keys: in, then back to the whole map
+    page.wait_for_timeout(200)
+    assert page.locator("#map-canvas").screenshot() != fitted
+    page.keyboard.press("0")
+    page.wait_for_timeout(200)
     page.keyboard.press("ArrowLeft" if col > 0 else "ArrowRight")
     page.keyboard.press("Enter")
     expect(page).to_have_url(f"{base_url}/#/map/{row}/{col - 1 if col > 0 else col + 1}")

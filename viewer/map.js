@@ -301,12 +301,8 @@ export class MapPage {
       event.preventDefault();
       const node = this.cursor || this.hover;
       this.app.navigate(`#/map/${node[0]}/${node[1]}`);
-    } else if (event.key === "+" || event.key === "=") {
-      this.panzoom.zoomBy(1.5);
-    } else if (event.key === "-") {
-      this.panzoom.zoomBy(1 / 1.5);
-    } else if (event.key === "0") {
-      this.panzoom.fit();
+    } else {
+      this.panzoom.zoomKey(event.key);
     }
   }
 

@@ -98,6 +98,16 @@ export class PanZoomCanvas {
     this.requestDraw();
   }
 
+  /** The zoom keys every view shares: + or = zooms in, - out, 0 frames it all. Returns whether
+   * the key was one of them. */
+  zoomKey(key) {
+    if (key === "+" || key === "=") this.zoomBy(1.5);
+    else if (key === "-") this.zoomBy(1 / 1.5);
+    else if (key === "0") this.fit();
+    else return false;
+    return true;
+  }
+
   panBy(dx, dy) {
     this.view.x += dx;
     this.view.y += dy;

@@ -236,12 +236,8 @@ export class ProjectionPage {
     if (pans[event.key]) {
       event.preventDefault();
       this.panzoom.panBy(...pans[event.key]);
-    } else if (event.key === "+" || event.key === "=") {
-      this.panzoom.zoomBy(1.5);
-    } else if (event.key === "-") {
-      this.panzoom.zoomBy(1 / 1.5);
-    } else if (event.key === "0") {
-      this.panzoom.fit();
+    } else {
+      this.panzoom.zoomKey(event.key);
     }
   }
 
