@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from api import schemas
-from api.rle import encode_rle
 from atlas.cell import CellRegion, NoCellFound
 from atlas.features import (
     FEATURE_NAMES,
@@ -37,6 +36,7 @@ from atlas.labels import (
     suspect_labels,
 )
 from atlas.reference import LoadedAtlas, QueryResult
+from atlas.rle import encode_rle
 from atlas.store import AtlasStore
 
 

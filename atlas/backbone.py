@@ -236,7 +236,7 @@ class Backbone:
         chunk = max(1, views_per_batch // n_views)
         out = []
         starts = range(0, len(images), chunk)
-        for start in progress_bar(starts, progress, desc="embed", unit="chunk", leave=False):
+        for start in progress_bar(starts, progress, desc="embed", unit="chunk"):
             x = self._prepare(images[start : start + chunk])
             views = torch.cat(dihedral_views(x, self.view_angles)).contiguous(memory_format=torch.channels_last)
             tapped = self._tap(views).view(n_views, len(x), -1)

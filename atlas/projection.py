@@ -16,5 +16,7 @@ def umap_projection(latents: np.ndarray, seed: int = 0, n_neighbors: int = 15) -
         return (centred @ vt[:2].T).astype(np.float32)
     import umap  # imported here: it compiles numba code on first import (seconds)
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=0.1, random_state=seed)
+    # A seed makes UMAP single-threaded anyway; n_jobs=1 says so and spares the log its warning.
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=0.1, random_state=seed,
+                        n_jobs=1)
     return reducer.fit_transform(latents).astype(np.float32)

@@ -81,7 +81,7 @@ class VAE:
         optimiser = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         batch = min(self.batch_size, len(x_all))
         self.history_ = []
-        for epoch in progress_bar(range(self.epochs), progress, desc="VAE", unit="epoch", leave=False):
+        for epoch in progress_bar(range(self.epochs), progress, desc="VAE", unit="epoch"):
             net.train()
             order = torch.randperm(len(x_all), generator=generator)
             totals = np.zeros(2)

@@ -2,8 +2,9 @@
 written and read.
 
     versions/NNNNNN/
-      manifest.json           inputs, parameters, metrics, checksums-to-be (written at publish)
-      cells.parquet           one row per cell; crop_path relative to ATLAS_HOME
+      manifest.json           inputs, parameters, metrics (written at publish)
+      cells.parquet           one row per cell; crop_path relative to ATLAS_HOME, source_path
+                              absolute (the input image lives outside the atlas)
       latents.npy             VAE latent means, row i = cell i
       index.faiss             FAISS index over the latents
       som.npz                 SOM codebook, its input scaling, U-matrix
@@ -14,9 +15,9 @@ written and read.
       models/classifier.json  XGBoost trees (+ .classes.json: classes and flag threshold)
       models/segmenter/       a copy of the trained segmenter, when the build used one
 
-Every path stored inside is relative (to the version folder, or, for cell crops shared by
-versions, to ATLAS_HOME), so an atlas can be moved, copied into a container or restored from
-a backup elsewhere. Versions written before that rule stored crop paths as the build's working
+Every path to a file of the atlas is stored relative (to the version folder, or, for cell
+crops shared by versions, to ATLAS_HOME), so an atlas can be moved, copied into a container or
+restored from a backup elsewhere. Versions written before that rule stored crop paths as the build's working
 directory saw them; `read_cells` turns those into home-relative ones, so they load unchanged.
 """
 

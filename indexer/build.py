@@ -46,7 +46,8 @@ def build(config: BuildConfig) -> BuildResult:
     segmenter = load_segmenter(config.segmenter, config.um_per_pixel)  # so does a bad model folder
     store = AtlasStore(config.home)
     store.clean_stale_staging()
-    timings, say = Timings(), Say(config.progress)
+    say = Say(config.progress)
+    timings = Timings(say)  # one line per step
     job_id = f"build-{uuid.uuid4().hex[:12]}"
     catalog = Catalog(config.home)
     catalog.start_job(job_id, "build")

@@ -94,3 +94,21 @@ def box_scores(result: dict) -> str:
             f"{result['annotated']} {result['label']} boxes, {result['found']} cells found, {result['matched']} "
             f"matched (IoU >= {result['iou_threshold']:g}); recall {fmt(result['recall'])}, precision "
             f"{fmt(result['precision'])}; {result['mean_ms']:.0f} ms per image")
+
+
+def export_text(result) -> str:
+    """An ExportResult (indexer.export) as a person reads it: where each part went."""
+    tables = ("cells.parquet, corrections.parquet" if result.format == "parquet"
+              else "cells.csv, corrections.csv")
+    labels = result.counts_by_label
+    lines = [f"atlas version {result.version} exported to {result.out} ({result.format})",
+             f"  images/         {sum(labels.values())} crops in {len(labels)} label folders: "
+             + ", ".join(f"{label} {n}" for label, n in labels.items())]
+    if result.unlabelled:
+        lines.append(f"  unlabelled/     {result.unlabelled} crops of cells without a label "
+                     "(beside the class tree, not a class of it)")
+    lines.append(f"  tables          {tables}: {result.cells} cells, {result.corrections} corrections "
+                 f"({result.cells_relabelled} cells relabelled)")
+    if result.format == "coco":
+        lines.append("  annotations     annotations.json: COCO instances, cell and nucleus masks as RLE")
+    return "\n".join(lines)

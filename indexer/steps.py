@@ -15,6 +15,7 @@ returns what it made, and the job that calls it decides where the result goes.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def _prepare_file(job):
             save_image_atomic(Image.fromarray(cell.crop.image), target, quality=92)
             save_image_atomic(Image.fromarray(cell.crop.mask), mask_path(target))
         r0, c0, r1, c1 = cell.crop.bbox
-        row = {"cell_id": cell_id, "source_path": str(Path(path).resolve()), "source_sha256": sha,
+        row = {"cell_id": cell_id, "source_path": os.path.abspath(path), "source_sha256": sha,
                "cell_index": cell.index, "label": label, "bbox": [r0, c0, r1, c1], "crop_path": relative,
                "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash, "segment_ms": round(cell.segment_ms, 2),
                **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}

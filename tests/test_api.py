@@ -17,11 +17,12 @@ from PIL import Image
 from api import server
 from api.app import create_app
 from api.jobs import rebuild_command
-from api.rle import decode_rle, encode_rle
 from api.settings import Settings
 from atlas.features import FEATURE_NAMES
+from atlas.rle import decode_rle, encode_rle
 from atlas.synthetic import CLASSES, synthetic_cell
-from indexer.build import BuildConfig, build
+from indexer.build import build
+from indexer.config import BuildConfig
 from tests.conftest import home_copy, open_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:n_jobs value .* overridden:UserWarning")  # umap, in the build

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from minisom import MiniSom
 
-from atlas.som import BatchSOM, grid_shape_for
+from atlas.som import BatchSOM, dominant_classes, grid_shape_for, neighbour_agreement
 
 
 @pytest.fixture
@@ -71,3 +71,33 @@ def test_the_map_owns_its_scaling(blobs):
     again = BatchSOM.from_arrays(som.to_arrays())
     np.testing.assert_array_equal(again.winners(stretched), som.winners(stretched))
     assert again.quantization_error(stretched) == pytest.approx(som.quantization_error_, rel=1e-5)
+
+
+def test_dominant_class_is_the_most_frequent_label_of_a_node():
+    nodes = np.array([[0, 0], [0, 0], [0, 0], [1, 1], [1, 1], [0, 1]])
+    labels = ["b", "a", "b", "a", "b", None]  # the tie at (1, 1) goes to "a"; None does not count
+    dominant = dominant_classes(nodes, labels, (2, 2))
+    assert dominant.tolist() == [["b", None], [None, "a"]]
+
+
+def _grid(*rows: str) -> np.ndarray:
+    """A map of dominant classes drawn as text, one character per node; "." = no cells."""
+    grid = np.array([list(row) for row in rows], dtype=object)
+    grid[grid == "."] = None
+    return grid
+
+
+def test_neighbour_agreement_counts_nodes_inside_their_class_region():
+    # A straight border costs nothing: (1, 1) agrees with 5 of its 8 neighbours, (0, 1) with 3 of 5.
+    assert neighbour_agreement(_grid("aabb", "aabb", "aabb", "aabb")) == 1.0
+    # An island "b" at (1, 1) disagrees (3 of 8), and so do (0, 1) (2 of 5 "a") and (2, 1)
+    # (4 of 8: not more than half); the other 13 of 16 nodes still agree.
+    assert neighbour_agreement(_grid("aabb", "abbb", "aabb", "aabb")) == pytest.approx(13 / 16)
+    # An empty node counts neither as a node nor as a neighbour: (3, 2) is left with 2 "b" of 4.
+    assert neighbour_agreement(_grid("aabb", "aabb", "aabb", "aab.")) == pytest.approx(14 / 15)
+    assert np.isnan(neighbour_agreement(_grid("a.", "..")))
+
+
+def test_neighbour_agreement_of_scattered_classes_is_near_chance():
+    scattered = np.random.default_rng(0).choice(np.array(list("abcd"), dtype=object), (40, 40))
+    assert neighbour_agreement(scattered) < 0.06  # P[Binomial(8, 1/4) > 4] = 0.027

@@ -46,7 +46,8 @@ def atlas_home(tmp_path_factory) -> Path:
     """An atlas of PER_CLASS real images of each PBC class (symlinks), built with the tiny preset."""
     if not PBC.is_dir():
         pytest.skip(f"real data not found at {PBC} (it sits beside the repository in ../shared/data)")
-    from indexer.build import BuildConfig, build
+    from indexer.build import build
+    from indexer.config import BuildConfig
 
     root = tmp_path_factory.mktemp("viewer")
     images = root / "images"

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from atlas.cell import NUCLEUS
-from atlas.progress import Say
+from atlas.progress import Say, shows_bars
 from atlas.runtime import resolve_device
 from atlas.segmentation.cellpose_runner import CellposeSegmenter, forget_networks
 from atlas.segmentation.mask_sets import (
@@ -168,9 +168,9 @@ def _train_network(data, labels, weights: Path, epochs, learning_rate, batch_siz
                                  mkldnn=False)
     handler = _progress_handler(progress)
     try:
-        # cellpose's data-preparation progress bars go to stderr: shown only with `progress`
+        # cellpose's data-preparation progress bars go to stderr: shown only on a terminal
         with (open(os.devnull, "w") as quiet,
-              contextlib.redirect_stderr(sys.stderr if progress else quiet)):
+              contextlib.redirect_stderr(sys.stderr if shows_bars(progress) else quiet)):
             path, train_losses, _ = train.train_seg(
                 model.net, train_data=data, train_labels=labels, channels=None, normalize=True,
                 n_epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from indexer import report
-from indexer.cli.args import positive_float, positive_int, read_file, som_shape
+from indexer.cli.args import positive_float, positive_int, som_shape
 
 
 def add_commands(sub) -> None:
@@ -47,7 +47,8 @@ def add_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
     p.set_defaults(run=cmd_rebuild)
 
-    p = sub.add_parser("query", help="reference cells and prediction for one image")
+    p = sub.add_parser("query", help="reference cells and prediction for one image "
+                                     "(labels with the catalogue's corrections)")
     p.add_argument("image")
     p.add_argument("--home", required=True)
     p.add_argument("--k", type=positive_int, default=8)
@@ -62,7 +63,7 @@ def add_commands(sub) -> None:
     p.add_argument("--rotation-per-class", type=int, default=50,
                    help="archived cells per class for the rotation check (default 50)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the report")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("split", help="stratified train/test split of a class folder, as symlinks")
@@ -107,15 +108,12 @@ def cmd_rebuild(args) -> int:
 
 
 def cmd_query(args) -> int:
+    """Reference cells of one image file, with the catalogue's corrections (as the API shows)."""
     from dataclasses import asdict
 
-    from atlas.ingest import content_hash, read_image_bytes
-    from atlas.reference import LoadedAtlas
+    from atlas import Atlas
 
-    data = read_file(args.image)
-    image = read_image_bytes(data)
-    result = LoadedAtlas.open(args.home).query_image(image, k=args.k, method=args.method,
-                                                     image_sha=content_hash(data))
+    result = Atlas.open(args.home).reference_cells(Path(args.image), k=args.k, method=args.method)
     print(json.dumps(asdict(result), indent=2) if args.json else report.query_text(result, args.method))
     return 0
 

@@ -1,4 +1,5 @@
-"""COCO run-length encoding of binary masks (the uncompressed form: column-major counts).
+"""COCO run-length encoding of binary masks (the uncompressed form: column-major counts), for
+the API's segmentation answers and the exports.
 
 COCO flattens a mask in column-major (Fortran) order and stores the lengths of alternating
 runs, starting with a run of zeros (which may be empty): `{"size": [h, w], "counts": [...]}`.
