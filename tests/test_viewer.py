@@ -1,12 +1,17 @@
 """The viewer in a real browser: Debian's chromium driven by Playwright against a live server over
 an atlas built from a small real subset of ../shared/data/pbc. Open the map, click a node, open a
 cell, see its 8 reference cells, correct a label, walk the review queue with the keyboard; no
-request ever leaves 127.0.0.1. Screenshots at 1280x800 go to /tmp/viewer-shots/."""
+request ever leaves 127.0.0.1. Screenshots at 1280x800 go to /tmp/viewer-shots/ (or $CELLATLAS_SHOTS).
+
+`scripts/readme_screenshots.sh ATLAS_HOME` runs the same tests on a copy of a real atlas
+($CELLATLAS_VIEWER_ATLAS) to make the README's pictures."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import socket
 import threading
 import time
@@ -33,7 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:n_jobs value .* overridden:UserW
 
 PBC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbc"
 PER_CLASS = 12
-SHOTS = Path("/tmp/viewer-shots")
+SHOTS = Path(os.environ.get("CELLATLAS_SHOTS", "/tmp/viewer-shots"))
+GIVEN_ATLAS = os.environ.get("CELLATLAS_VIEWER_ATLAS")  # an atlas home to show instead of the tiny one
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -43,7 +49,12 @@ CANVAS_PADDING = 12  # PanZoomCanvas's default: the fitted content sits this far
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def atlas_home(tmp_path_factory) -> Path:
-    """An atlas of PER_CLASS real images of each PBC class (symlinks), built with the tiny preset."""
+    """An atlas of PER_CLASS real images of each PBC class (symlinks), built with the tiny preset;
+    or a copy of $CELLATLAS_VIEWER_ATLAS (the tests correct labels: never the original)."""
+    if GIVEN_ATLAS:
+        copy = tmp_path_factory.mktemp("viewer") / "home"
+        shutil.copytree(GIVEN_ATLAS, copy, ignore=shutil.ignore_patterns("*.lock", "logs"))
+        return copy
     if not PBC.is_dir():
         pytest.skip(f"real data not found at {PBC} (it sits beside the repository in ../shared/data)")
     from indexer.build import build
