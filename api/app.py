@@ -11,10 +11,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import duckdb
-from fastapi import Depends, FastAPI, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 import atlas
 from api import schemas
@@ -46,8 +50,10 @@ V1_ROUTERS = (reference_cells, cells, classify, segment, atlas_map, review, corr
               viewer_support)
 
 
-AUTH_ERRORS = {401: {"model": schemas.Problem, "description": "no valid API key"},
-               403: {"model": schemas.Problem, "description": "the key's role is too low"}}
+V1_ERRORS = {401: {"model": schemas.Problem, "description": "no valid API key"},
+             403: {"model": schemas.Problem, "description": "the key's role is too low"},
+             503: {"model": schemas.Problem,
+                   "description": "no atlas version is served, or the catalogue is busy"}}
 
 
 VIEWER_DIR = Path(__file__).resolve().parents[1] / "viewer"
@@ -77,14 +83,66 @@ def create_app(home: Path | str, open_access: bool = False, settings: Settings |
     app.state.cellatlas = state
     reviewer = [Depends(require("reviewer"))]
     for module in V1_ROUTERS:
-        app.include_router(module.router, prefix="/v1", dependencies=reviewer, responses=AUTH_ERRORS)
+        app.include_router(module.router, prefix="/v1", dependencies=reviewer, responses=V1_ERRORS)
     app.include_router(health.router)
+    # Before the viewer's mount at "/", which would otherwise answer every other /v1 request.
+    app.router.add_route("/v1/{path:path}", _undeclared_v1_request(), methods=HTTP_METHODS,
+                         include_in_schema=False)
     # The viewer: static files, talking to /v1 over HTTP like any other client.
     app.mount("/", StaticFiles(directory=VIEWER_DIR, html=True, check_dir=False), name="viewer")
     _add_error_handlers(app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.openapi = lambda: _openapi_with_problem_422(app)
     return app
+
+
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+
+def _undeclared_v1_request():
+    """An endpoint for /v1 requests no route takes: 405 with `Allow` when the path exists with
+    other methods, 404 when it does not exist at all."""
+    declared = [(compile_path("/v1" + route.path)[0], route.methods)
+                for module in V1_ROUTERS for route in module.router.routes
+                if isinstance(route, APIRoute)]
+
+    async def answer(request: Request) -> JSONResponse:
+        path = request.scope["path"]
+        allowed = sorted({method for pattern, methods in declared if pattern.match(path)
+                          for method in methods})
+        if not allowed:
+            return _problem(status.HTTP_404_NOT_FOUND, f"no API path {path}; see /docs")
+        response = _problem(status.HTTP_405_METHOD_NOT_ALLOWED,
+                            f"{request.method} is not allowed on {path}; use {', '.join(allowed)}")
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    return answer
+
+
+def _openapi_with_problem_422(app: FastAPI) -> dict:
+    """FastAPI's document with its 422 schema (a list `detail`) replaced by what
+    `invalid_request` answers: `schemas.ValidationProblem`."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)  # kept as app.openapi_schema, changed in place below
+        fastapi_422 = "#/components/schemas/HTTPValidationError"
+        ours = "#/components/schemas/ValidationProblem"
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                answer = operation.get("responses", {}).get("422", {})
+                schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+                if schema.get("$ref") == fastapi_422:
+                    schema["$ref"] = ours
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        model = schemas.ValidationProblem.model_json_schema(
+            ref_template="#/components/schemas/{model}")
+        components.update(model.pop("$defs", {}))
+        components["ValidationProblem"] = model
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -131,15 +189,31 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        messages = [f"{_where(e['loc'])}: {e['msg']}" for e in error.errors()]
-        return _problem(422, "; ".join(messages),
-                        errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()])
+        return _validation_problem(error.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        json_body = "json" in request.headers.get("content-type", "")
+        if error.status_code == 400 and json_body and error.__cause__ is not None:
+            # FastAPI answers an undocumented 400 for a JSON body that json.loads cannot read
+            # (not UTF-8, nested too deep); its other JSON errors are already a 422.
+            reason = ("not valid UTF-8" if isinstance(error.__cause__, UnicodeDecodeError)
+                      else "not readable JSON")
+            return _validation_problem([{"loc": ("body",), "msg": f"the JSON body is {reason}",
+                                         "type": "json_invalid"}])
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(Exception)
     def server_bug(request: Request, error: Exception) -> JSONResponse:
         log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=error)
         return _problem(status.HTTP_500_INTERNAL_SERVER_ERROR,
                         "internal server error; it has been logged")
+
+
+def _validation_problem(errors) -> JSONResponse:
+    messages = [f"{_where(e['loc'])}: {e['msg']}" for e in errors]
+    return _problem(422, "; ".join(messages),
+                    errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors])
 
 
 def _where(loc) -> str:
@@ -149,9 +223,18 @@ def _where(loc) -> str:
     return ".".join(str(part) for part in loc) or "request"
 
 
+class BodyTooLarge(HTTPException):
+    """A request body counted past the limit while it streamed in (no or a false Content-Length).
+    An HTTPException so that FastAPI's body parsing passes it on instead of answering 400."""
+
+    def __init__(self, limit_mb: int):
+        super().__init__(413, f"the request body is larger than the {limit_mb} MB allowed")
+
+
 class UploadLimitMiddleware:
     """Answers 413 before reading a body whose declared size is over the limit (plus room for
-    the multipart envelope), so that a huge upload is not spooled to disk first."""
+    the multipart envelope), so that a huge upload is not spooled to disk first; a body without
+    a Content-Length (chunked) is counted while it streams and cut as soon as it passes the limit."""
 
     ENVELOPE_BYTES = 64 * 1024
 
@@ -160,12 +243,35 @@ class UploadLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes + self.ENVELOPE_BYTES:
-                limit_mb = self.max_bytes // (1024 * 1024)
-                response = _problem(413,
-                                    f"the request body is larger than the {limit_mb} MB allowed")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        allowed = self.max_bytes + self.ENVELOPE_BYTES
+        limit_mb = self.max_bytes // (1024 * 1024)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > allowed:
+            await _problem(413, BodyTooLarge(limit_mb).detail)(scope, receive, send)
+            return
+        received = 0
+        response_started = False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > allowed:
+                    raise BodyTooLarge(limit_mb)
+            return message
+
+        async def tracked_send(message):
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge as error:  # read outside FastAPI's body parsing
+            if response_started:
+                raise
+            await _problem(413, error.detail)(scope, receive, send)

@@ -5,15 +5,31 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 Position = Literal["below", "within", "above"]
 
 
 class Problem(BaseModel):
-    """Every error answer: a sentence that says what was wrong and what to do."""
+    """Every error answer: a sentence that says what was wrong and what to do (some answers add
+    fields, such as the running rebuild's `job_id` with a 409)."""
+
+    model_config = ConfigDict(extra="allow")
 
     detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the name")
+    msg: str
+    type: str
+
+
+class ValidationProblem(Problem):
+    """A 422 for a request that does not match the schema: `detail` says it in one sentence,
+    `errors` lists each field."""
+
+    errors: list[FieldError]
 
 
 class SomNode(BaseModel):
@@ -255,7 +271,7 @@ class CorrectionPage(BaseModel):
 
 # -- rebuilds ------------------------------------------------------------------------------------
 class RebuildRequest(BaseModel):
-    retrain_backbone: bool = Field(
+    retrain_backbone: StrictBool = Field(
         False, description="also retrain the backbone, VAE, index and SOM (a full build on the parent's "
                            "images; much slower). By default only what depends on labels is retrained.")
 

@@ -322,8 +322,9 @@ def versions(home: Path) -> schemas.Versions:
     return schemas.Versions(current=current, versions=infos)
 
 
-def segment_response(image: np.ndarray, regions: list[CellRegion],
-                     segmenter) -> schemas.SegmentResponse:
+def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter,
+                     um_per_pixel: float | None = None) -> schemas.SegmentResponse:
+    """`regions` in `image`'s pixels; `um_per_pixel` the image's scale (None: the segmenter's)."""
     if not regions:
         raise NoCellFound("no white cell found in the image")
     cells = []
@@ -337,7 +338,8 @@ def segment_response(image: np.ndarray, regions: list[CellRegion],
             cell_area_px=int(region.cell.sum()), nucleus_area_px=int(region.nucleus.sum()),
             nucleus_centre=schemas.Point(x=centre_col, y=centre_row)))
     return schemas.SegmentResponse(width=image.shape[1], height=image.shape[0],
-                                   segmenter=segmenter.name, um_per_pixel=segmenter.um_per_pixel,
+                                   segmenter=segmenter.name,
+                                   um_per_pixel=um_per_pixel or segmenter.um_per_pixel,
                                    cells=cells)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = 50_000_000  # a smear field is ~1-10 Mpx; beyond this is a mistake or an attack
+OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 class IngestError(ValueError):
@@ -74,10 +76,19 @@ def read_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 return np.asarray(_to_rgb(image))
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(f"not a readable image ({error})") from error
+    except UnidentifiedImageError as error:
+        # PIL's message names the internal buffer object; the client needs the formats instead.
+        raise ImageReadError("not a readable image (not a JPEG, PNG, TIFF or BMP file)") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageReadError(f"not a readable image ({_client_text(error)})") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"corrupt or truncated image ({error})") from error
+        raise ImageReadError(f"corrupt or truncated image ({_client_text(error)})") from error
+
+
+def _client_text(error: Exception) -> str:
+    """A library error's message without object reprs (`<_io.BytesIO object at 0x7f...>`),
+    which tell a client nothing and show the server's memory layout."""
+    return OBJECT_REPR.sub("the image", str(error)).strip() or type(error).__name__
 
 
 def content_hash(data: bytes) -> str:

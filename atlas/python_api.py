@@ -63,7 +63,8 @@ class Atlas:
     uint8 numpy array (H, W, 3). Files, bytes and PIL images are decoded as uploads are
     (`atlas.ingest.read_image_bytes`: the same size limit and messages). A bad image raises
     `ImageReadError` (unreadable, corrupt, too large) or `SegmentationError` (too small, not
-    RGB uint8; `NoCellFound` where a query finds no white cell); an unknown cell id raises
+    RGB uint8; `NoCellFound` where a query finds no white cell; `ScaleError` for an
+    `um_per_pixel` out of range); an unknown cell id raises
     `UnknownCell`.
     """
 
@@ -99,25 +100,29 @@ class Atlas:
                 f"{int(self._corrected.sum())} corrected)")
 
     # -- an image ---------------------------------------------------------------------------
-    def reference_cells(self, image: ImageInput, k: int = 8, method: str = "latent") -> QueryResult:
+    def reference_cells(self, image: ImageInput, k: int = 8, method: str = "latent",
+                        um_per_pixel: float | None = None) -> QueryResult:
         """The k archived cells most like the main cell of `image` (method "latent": nearest VAE
         latents; "som": same SOM node first), with the prediction, the label distribution of
         the nearest 100 and the SOM node. A copy of an archived image file (path or bytes)
-        gets neither itself nor its duplicates as references."""
+        gets neither itself nor its duplicates as references. `um_per_pixel`: the image's
+        scale (None: the atlas's); the image is resampled to the atlas's scale first."""
         array, sha = decode_image(image)
-        return self.loaded.query_image(array, k=k, method=method, image_sha=sha)
+        return self.loaded.query_image(array, k=k, method=method, image_sha=sha,
+                                       um_per_pixel=um_per_pixel)
 
-    def classify(self, image: ImageInput) -> Prediction:
-        """The predicted class of the main cell of `image`: label, probabilities, entropy in
-        bits and whether it is flagged as uncertain."""
+    def classify(self, image: ImageInput, um_per_pixel: float | None = None) -> Prediction:
+        """The predicted class of the main cell of `image` (at `um_per_pixel`; None: the
+        atlas's scale): label, probabilities, entropy in bits and whether it is flagged."""
         array, _ = decode_image(image)
-        return self.loaded.query_image(array, k=1).prediction
+        return self.loaded.query_image(array, k=1, um_per_pixel=um_per_pixel).prediction
 
-    def segment(self, image: ImageInput) -> list[CellRegion]:
-        """Every white cell of `image` found by the version's segmenter (cell and nucleus masks,
-        box), the one nearest the centre first; empty when there is none."""
+    def segment(self, image: ImageInput, um_per_pixel: float | None = None) -> list[CellRegion]:
+        """Every white cell of `image` (at `um_per_pixel`; None: the atlas's scale) found by the
+        version's segmenter (cell and nucleus masks, box in `image`'s own pixels), the one
+        nearest the centre first; empty when there is none."""
         array, _ = decode_image(image)
-        return self.loaded.segmenter.segment(array)
+        return self.loaded.segment(array, um_per_pixel)
 
     # -- an archived cell -------------------------------------------------------------------
     def reference_cells_of(self, cell_id: str, k: int = 8, method: str = "latent") -> QueryResult:

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from atlas.cell import CellCrop
+from atlas.cell import CellCrop, CellRegion
 from atlas.classifier import Prediction, classifier_input
 from atlas.features import FEATURE_NAMES, named_features
 from atlas.prepare import PreparedCell, prepare_cells
+from atlas.scale import region_in_pixels_of, to_scale
 from atlas.store import AtlasStore
 
 METHODS = ("latent", "som")
@@ -106,8 +107,22 @@ class LoadedAtlas:
         return position
 
     # -- the pieces -------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray) -> PreparedCell:
+    def at_atlas_scale(self, image: np.ndarray, um_per_pixel: float | None = None) -> np.ndarray:
+        """`image`, taken at `um_per_pixel` (None: the atlas's), resampled to the atlas's scale."""
+        return to_scale(image, um_per_pixel, self.um_per_pixel)
+
+    def prepare(self, image: np.ndarray, um_per_pixel: float | None = None) -> PreparedCell:
+        """The main cell of `image` (at `um_per_pixel`; None: the atlas's), prepared at the
+        atlas's scale as an archived cell was."""
+        image = self.at_atlas_scale(image, um_per_pixel)
         return prepare_cells(image, self.segmenter, self.um_per_pixel)[0]
+
+    def segment(self, image: np.ndarray, um_per_pixel: float | None = None) -> list[CellRegion]:
+        """Every white cell of `image` (at `um_per_pixel`; None: the atlas's), main cell first,
+        found by the version's segmenter at the atlas's scale (the cells a query would see), with
+        masks and boxes in `image`'s own pixels."""
+        regions = self.segmenter.segment(self.at_atlas_scale(image, um_per_pixel))
+        return [region_in_pixels_of(region, image.shape) for region in regions]
 
     def embed(self, crops: list[CellCrop]) -> np.ndarray:
         """VAE latents (the cells' embeddings) of nucleus-centred crops."""
@@ -153,12 +168,13 @@ class LoadedAtlas:
 
     # -- whole queries ------------------------------------------------------------------------
     def query_image(self, image: np.ndarray, k: int = 8, method: str = "latent",
-                    image_sha: str | None = None) -> QueryResult:
-        """Reference cells and prediction for the main cell of an image. `image_sha` (the file's
-        SHA-256) lets an uploaded copy of an archived image skip itself and its duplicates."""
+                    image_sha: str | None = None, um_per_pixel: float | None = None) -> QueryResult:
+        """Reference cells and prediction for the main cell of an image taken at `um_per_pixel`
+        (None: the atlas's scale). `image_sha` (the file's SHA-256) lets an uploaded copy of an
+        archived image skip itself and its duplicates."""
         check_k(k)
         started = time.perf_counter()
-        cell = self.prepare(image)
+        cell = self.prepare(image, um_per_pixel)
         segmented = time.perf_counter()
         latent = self.embed([cell.crop])
         embedded = time.perf_counter()

@@ -25,6 +25,12 @@ import torch
 _CHUNK = 4096  # data rows per distance block; keeps a block under ~250 MB on a 244x244 map
 
 
+def standard_scale(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each dimension's mean and standard deviation (+1e-6, so a constant one does not divide
+    by zero): the scaling a standardising map learns."""
+    return data.mean(0), data.std(0) + 1e-6
+
+
 def grid_shape_for(data: np.ndarray, max_side: int = 244) -> tuple[int, int]:
     """Kohonen/Vesanto rule of thumb: about 5*sqrt(N) nodes, sides in the ratio of the
     square roots of the two largest principal variances; each side capped at `max_side`."""
@@ -76,7 +82,7 @@ class BatchSOM:
         if data.ndim != 2 or len(data) == 0:
             raise ValueError("SOM needs a non-empty 2-D array (cells x dimensions)")
         if self.standardise:
-            self.mean_, self.std_ = data.mean(0), data.std(0) + 1e-6
+            self.mean_, self.std_ = standard_scale(data)
         else:
             self.mean_, self.std_ = np.zeros(data.shape[1], np.float32), np.ones(data.shape[1], np.float32)
         x = torch.as_tensor(self._scaled(data), device=self.device)

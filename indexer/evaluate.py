@@ -23,12 +23,17 @@ from atlas.ingest import ImageReadError, IngestError, list_images, read_image_by
 from atlas.prepare import prepare_cells
 from atlas.progress import progress as progress_bar
 from atlas.reference import LoadedAtlas
+from atlas.scale import check_um_per_pixel
 
 K = 8
 
 
 def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, um_per_pixel: float | None = None) -> dict:
+    """The measures above on the labelled images of `images`, taken at `um_per_pixel` (None:
+    the atlas's scale; resampled to it before segmentation, as an upload is)."""
+    if um_per_pixel is not None:
+        check_um_per_pixel(um_per_pixel)  # before every image fails for the same reason
     atlas = LoadedAtlas.open(home)
     records = [r for r in list_images(images) if r.label is not None]
     if not records:
@@ -38,7 +43,7 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     for record in progress_bar(records, progress, desc="prepare", unit="img"):
         try:
             image = read_image_bytes(record.path.read_bytes())
-            queries.append(prepare_cells(image, atlas.segmenter, atlas.um_per_pixel)[0])
+            queries.append(atlas.prepare(image, um_per_pixel))
             labels.append(record.label)
         except (ImageReadError, SegmentationError) as error:
             failed[str(error).split(" (")[0]] += 1
@@ -53,6 +58,7 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     known = np.isin(labels_arr, atlas.classes)
     result = {
         "atlas_version": atlas.version,
+        "images_um_per_pixel": um_per_pixel or atlas.um_per_pixel,
         "images": len(records),
         "evaluated": len(queries),
         "failed": dict(failed),

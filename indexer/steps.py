@@ -41,7 +41,7 @@ from atlas.progress import progress
 from atlas.projection import umap_projection
 from atlas.runtime import resolve_device
 from atlas.segmentation import Segmenter
-from atlas.som import BatchSOM, grid_shape_for
+from atlas.som import BatchSOM, grid_shape_for, standard_scale
 from atlas.vae import VAE
 from atlas.version import crop_path, mask_path
 from indexer.config import BuildConfig, BuildError
@@ -211,7 +211,8 @@ def train_vae(tapped: np.ndarray, config: BuildConfig) -> VAE:
 def train_som(latents: np.ndarray, config: BuildConfig) -> tuple[BatchSOM, np.ndarray, np.ndarray]:
     """The map (it learns its own input scaling), each cell's best node (n, 2) and its
     distance to that node."""
-    rows, cols = config.som_shape or grid_shape_for((latents - latents.mean(0)) / (latents.std(0) + 1e-6))
+    mean, std = standard_scale(latents)
+    rows, cols = config.som_shape or grid_shape_for((latents - mean) / std)
     device = resolve_device("cpu" if config.device == "cpu" else "auto").type
     som = BatchSOM(rows, cols, epochs=config.som_epochs, seed=config.seed, device=device).fit(latents)
     return som, som.winners(latents), som.node_distances(latents)

@@ -41,7 +41,7 @@ def get_node_cells(row: int, col: int, view: View,
 
 
 @router.get("/atlas/hits", response_model=schemas.Hits, summary="Cells per SOM node, of one label or all")
-def get_hits(view: View, label: str | None = None) -> schemas.Hits:
+def get_hits(view: View, label: Annotated[str | None, Query(min_length=1)] = None) -> schemas.Hits:
     return view.hits(label)
 
 

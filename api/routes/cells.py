@@ -17,7 +17,7 @@ router = APIRouter(tags=["cells"])
 @router.get("/cells", response_model=schemas.CellPage, summary="Page through archived cells")
 def list_cells(
     view: View,
-    label: Annotated[str | None, Query(description="effective label")] = None,
+    label: Annotated[str | None, Query(min_length=1, description="effective label")] = None,
     node: Annotated[str | None, Query(description="SOM node as ROW,COL", examples=["3,4"])] = None,
     flagged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -15,7 +15,8 @@ router = APIRouter(tags=["corrections"])
 
 @router.post("/cells/{cell_id}/corrections", response_model=schemas.Correction,
              status_code=status.HTTP_201_CREATED, summary="Correct a cell's label (technologist)",
-             responses={404: {"model": schemas.Problem}, 422: {"model": schemas.Problem}})
+             responses={404: {"model": schemas.Problem}, 413: {"model": schemas.Problem},
+                        422: {"model": schemas.Problem}})
 def correct_label(cell_id: str, body: schemas.CorrectionRequest, author: Technologist,
                   view: View, state: State) -> schemas.Correction:
     return state.corrections.add(cell_id, old_label=view.label_of(cell_id), new_label=view.check_label(body.label),

@@ -18,7 +18,8 @@ def _job(job: dict) -> schemas.RebuildJob:
 
 @router.post("/rebuilds", response_model=schemas.RebuildJob, status_code=status.HTTP_202_ACCEPTED,
              summary="Start a rebuild with the current corrections (admin)",
-             responses={409: {"model": schemas.Problem, "description": "a rebuild is already running"}})
+             responses={409: {"model": schemas.Problem, "description": "a rebuild is already running"},
+                        413: {"model": schemas.Problem}})
 def start_rebuild(state: State, admin: Admin, body: schemas.RebuildRequest | None = None) -> schemas.RebuildJob:
     body = body or schemas.RebuildRequest()
     return _job(state.rebuilds.start(retrain_backbone=body.retrain_backbone))

@@ -14,7 +14,7 @@ router = APIRouter(tags=["review"])
 
 @router.get("/review-queue", response_model=schemas.ReviewQueue,
             summary="Uncorrected cells, highest prediction entropy first")
-def review_queue(view: View, label: str | None = None,
+def review_queue(view: View, label: Annotated[str | None, Query(min_length=1)] = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> schemas.ReviewQueue:
     return view.review_queue(limit, label)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from indexer import report
 from indexer.cli.args import positive_float, positive_int, som_shape
 
+SCALE_HELP = "the images' scale (default: the atlas's); they are resampled to the atlas's scale"
+
 
 def add_commands(sub) -> None:
     from atlas.backbone import PRESETS
@@ -54,6 +56,7 @@ def add_commands(sub) -> None:
     p.add_argument("--k", type=positive_int, default=8)
     p.add_argument("--method", default="latent", choices=METHODS)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--um-per-pixel", type=float, help=SCALE_HELP)
     p.set_defaults(run=cmd_query)
 
     p = sub.add_parser("evaluate", help="measure the live atlas on labelled images not in its build")
@@ -63,6 +66,7 @@ def add_commands(sub) -> None:
     p.add_argument("--rotation-per-class", type=int, default=50,
                    help="archived cells per class for the rotation check (default 50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--um-per-pixel", type=float, help=SCALE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress; print only the report")
     p.set_defaults(run=cmd_evaluate)
 
@@ -112,8 +116,12 @@ def cmd_query(args) -> int:
     from dataclasses import asdict
 
     from atlas import Atlas
+    from atlas.scale import check_um_per_pixel
 
-    result = Atlas.open(args.home).reference_cells(Path(args.image), k=args.k, method=args.method)
+    if args.um_per_pixel is not None:
+        check_um_per_pixel(args.um_per_pixel)  # before the slow load of the atlas
+    result = Atlas.open(args.home).reference_cells(Path(args.image), k=args.k, method=args.method,
+                                                   um_per_pixel=args.um_per_pixel)
     print(json.dumps(asdict(result), indent=2) if args.json else report.query_text(result, args.method))
     return 0
 
@@ -122,7 +130,7 @@ def cmd_evaluate(args) -> int:
     from indexer.evaluate import evaluate
 
     result = evaluate(Path(args.home), Path(args.images), rotmes_per_class=args.rotation_per_class,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, um_per_pixel=args.um_per_pixel)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
