@@ -23,6 +23,7 @@ directory saw them; `read_cells` turns those into home-relative ones, so they lo
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -66,8 +67,9 @@ class AtlasVersion:
         return self.folder / name
 
     # -- reading ------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def manifest(self) -> dict:
+        """Read once: a version is immutable once published (its loaders all consult it)."""
         return json.loads(self.path(MANIFEST).read_text())
 
     def read_cells(self) -> pd.DataFrame:
