@@ -6,7 +6,9 @@ key (`Authorization: Bearer <token>`) unless `open_access=True`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -39,9 +41,11 @@ from api.routes import (
 )
 from api.settings import Settings
 from api.views import InvalidValue, MissingCrop, UnknownNode
+from atlas.archive import CellCopiesArchive, NotWithdrawn
+from atlas.catalog import IdempotencyKeyReused
 from atlas.cell import SegmentationError
-from atlas.ingest import ImageReadError
-from atlas.reference import UnknownCell
+from atlas.ingest import ImageReadError, ImageTooLarge
+from atlas.reference import UnknownCell, WithdrawnCell
 from atlas.store import AtlasNotFound
 
 log = logging.getLogger("cellatlas.api")
@@ -91,6 +95,8 @@ def create_app(home: Path | str, open_access: bool = False, settings: Settings |
     # The viewer: static files, talking to /v1 over HTTP like any other client.
     app.mount("/", StaticFiles(directory=VIEWER_DIR, html=True, check_dir=False), name="viewer")
     _add_error_handlers(app)
+    app.add_middleware(UploadConcurrencyMiddleware, limit=settings.max_concurrent_uploads,
+                       wait_s=settings.upload_wait_s)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi_with_problem_422(app)
@@ -146,7 +152,8 @@ def _openapi_with_problem_422(app: FastAPI) -> dict:
 
 
 # -- errors -------------------------------------------------------------------------------------
-ERROR_STATUS: dict[type[Exception], int] = {
+ERROR_STATUS: dict[type[Exception], int] = {  # the first kind an error is of decides
+    ImageTooLarge: 413,  # more pixels than one upload is worked on
     ImageReadError: status.HTTP_400_BAD_REQUEST,
     UploadTooLarge: 413,
     SegmentationError: 422,  # too small, no cell found
@@ -157,6 +164,10 @@ ERROR_STATUS: dict[type[Exception], int] = {
     AtlasNotFound: status.HTTP_503_SERVICE_UNAVAILABLE,
     UnknownJob: status.HTTP_404_NOT_FOUND,
     RebuildAlreadyRunning: status.HTTP_409_CONFLICT,
+    IdempotencyKeyReused: 422,  # an Idempotency-Key sent again with another request
+    WithdrawnCell: status.HTTP_410_GONE,
+    CellCopiesArchive: status.HTTP_409_CONFLICT,  # answered with the archived cells it copies
+    NotWithdrawn: status.HTTP_409_CONFLICT,
 }
 
 
@@ -168,11 +179,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     def domain_error(request: Request, error: Exception) -> JSONResponse:
         if isinstance(error, UnknownCell):
             return _problem(status.HTTP_404_NOT_FOUND, f"no cell {error.args[0]!r} in the live atlas")
+        if isinstance(error, CellCopiesArchive):
+            return _problem(status.HTTP_409_CONFLICT, str(error), duplicates=error.copies)
         if isinstance(error, UnknownJob):
             return _problem(status.HTTP_404_NOT_FOUND, f"no rebuild job {error.args[0]!r}")
         if isinstance(error, RebuildAlreadyRunning):
             return _problem(status.HTTP_409_CONFLICT, str(error), job_id=error.job_id)
         code = next(code for kind, code in ERROR_STATUS.items() if isinstance(error, kind))
+        if code == 422:  # every 422 has ValidationProblem's shape; a domain error names no field
+            return _problem(code, str(error), errors=[])
         return _problem(code, str(error))
 
     for kind in ERROR_STATUS:
@@ -275,3 +290,46 @@ class UploadLimitMiddleware:
             if response_started:
                 raise
             await _problem(413, error.detail)(scope, receive, send)
+
+
+class UploadConcurrencyMiddleware:
+    """At most `limit` uploads (multipart POSTs: images to decode and segment) are worked on at
+    once, whatever the server's thread pool holds; one more waits up to `wait_s` for a place,
+    then gets 503 with Retry-After. A burst of large uploads thus costs at most `limit` times
+    the bound of one, instead of exhausting memory. Runs inside UploadLimitMiddleware, so a
+    body over the byte limit is refused before it waits for a place."""
+
+    def __init__(self, app, limit: int, wait_s: float):
+        self.app = app
+        self.limit = limit
+        self.wait_s = wait_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._places: asyncio.Semaphore | None = None  # made in (and for) the serving event loop
+
+    async def __call__(self, scope, receive, send):
+        if not _is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # the first request, or the app served by a new loop (tests)
+            self._loop, self._places = loop, asyncio.Semaphore(self.limit)
+        try:
+            await asyncio.wait_for(self._places.acquire(), timeout=self.wait_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            response = _problem(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"{self.limit} uploads are being worked on and none finished within "
+                                f"{self.wait_s:g} s; try again shortly")
+            response.headers["Retry-After"] = str(max(1, math.ceil(self.wait_s)))
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._places.release()
+
+
+def _is_upload(scope) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    return content_type.lower().startswith(b"multipart/form-data")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, File, HTTPException, Request, UploadFile, status
+from fastapi import Depends, File, HTTPException, Query, Request, UploadFile, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import schemas
@@ -19,10 +19,12 @@ from api.auth import OPEN_ACCESS, KeyVerifier, Principal
 from api.jobs import RebuildLauncher
 from api.metrics import RequestMetrics
 from api.settings import Settings
-from api.views import AtlasView
+from api.views import AtlasView, image_url
+from atlas.archive import Archive, DescribedUpload
 from atlas.catalog import Catalog
-from atlas.ingest import content_hash, read_image_bytes
+from atlas.ingest import content_hash
 from atlas.reference import LoadedAtlas
+from atlas.scale import UM_PER_PIXEL_RANGE, read_upload
 from atlas.store import AtlasNotFound, AtlasStore
 
 log = logging.getLogger("cellatlas.api")
@@ -95,17 +97,87 @@ class CorrectionLog:
             return self._stamp, self._labels
 
     def add(self, cell_id: str, old_label: str | None, new_label: str, note: str | None,
-            author: str, atlas_version: str) -> schemas.Correction:
-        correction = self.catalog.add_correction(cell_id, old_label, new_label, note, author, atlas_version)
-        with self._lock:
-            self._next_refresh = 0.0  # the next read sees this correction
+            author: str, atlas_version: str, db=None) -> schemas.Correction:
+        """Store a correction; `db`: inside a caller's catalogue transaction (api.idempotency),
+        which must call `changed()` once it has committed."""
+        correction = self.catalog.add_correction(cell_id, old_label, new_label, note, author,
+                                                 atlas_version, db=db)
+        if db is None:
+            self.changed()
         return schemas.Correction(**correction)
+
+    def changed(self) -> None:
+        """The next read sees corrections committed until now."""
+        with self._lock:
+            self._next_refresh = 0.0
 
     def page(self, cell_id: str | None, author: str | None, limit: int, cursor: int | None) -> schemas.CorrectionPage:
         """Newest first; `cursor` is the last correction_id of the previous page."""
         rows = self.catalog.corrections(cell_id=cell_id, author=author, limit=limit + 1, before=cursor)
         items = [schemas.Correction(**row) for row in rows[:limit]]
         return schemas.CorrectionPage(items=items, next_cursor=items[-1].correction_id if len(rows) > limit else None)
+
+
+class ArchiveLayer:
+    """Cells archived one at a time and withdrawn cells, laid over the live version
+    (`atlas.archive`): the catalogue is looked at at most once per `refresh_s` (other processes'
+    changes show within that time); a change made here shows at once. One amended atlas per
+    (version, catalogue state), shared by every request."""
+
+    def __init__(self, archive: Archive, refresh_s: float = 1.0):
+        self.archive = archive
+        self.refresh_s = refresh_s
+        self._stamp: tuple | None = None
+        self._next_refresh = 0.0
+        self._amended: tuple[LoadedAtlas, tuple, LoadedAtlas] | None = None
+        self._lock = threading.Lock()
+
+    def applied_to(self, atlas: LoadedAtlas) -> LoadedAtlas:
+        with self._lock:
+            if time.monotonic() >= self._next_refresh:
+                self._stamp = self.archive.catalog.archive_stamp()
+                self._next_refresh = time.monotonic() + self.refresh_s
+            cached = self._amended
+            if cached is None or cached[0] is not atlas or cached[1] != self._stamp:
+                cached = self._amended = (atlas, self._stamp, self.archive.applied_to(atlas))
+            return cached[2]
+
+    def describe(self, view: AtlasView, upload: UploadedImage, label: str) -> DescribedUpload:
+        """The uploaded cell prepared and embedded by the live models (the slow part, done
+        outside any catalogue transaction); nothing is stored yet."""
+        return self.archive.describe_upload(view.atlas, upload.image, upload.sha256, view.check_label(label),
+                                            upload.decoded_um_per_pixel)
+
+    def archive_cell(self, view: AtlasView, described: DescribedUpload, source: str | None, author: str,
+                     db=None) -> schemas.ArchivedCell:
+        """Persist the cell (files, then catalogue), then serve it: the next view holds it.
+        `db`: inside a caller's catalogue transaction (api.idempotency), which must call
+        `changed()` once it has committed."""
+        archived = self.archive.store(view.atlas, described, source, author, db=db)
+        if db is None:
+            self.changed()
+        row = archived.row
+        return schemas.ArchivedCell(
+            cell_id=archived.cell_id, label=archived.label, source=source, author=author,
+            created_at=archived.created_at, version=view.version, image_url=image_url(archived.cell_id),
+            prediction=schemas.Prediction(
+                label=row["predicted_label"], entropy_bits=row["entropy_bits"], flagged=row["flagged"],
+                probabilities=dict(zip(view.classes, (float(p) for p in row["probabilities"]), strict=True))))
+
+    def withdraw(self, view: AtlasView, cell_id: str, reason: str, author: str) -> schemas.Withdrawal:
+        event = self.archive.withdraw(view.base, cell_id, reason, author)
+        self.changed()
+        return schemas.Withdrawal(**event)
+
+    def restore(self, view: AtlasView, cell_id: str, reason: str, author: str) -> schemas.Withdrawal:
+        event = self.archive.restore(view.base, cell_id, reason, author)
+        self.changed()
+        return schemas.Withdrawal(**event)
+
+    def changed(self) -> None:
+        """The next view reads the catalogue's archive state again."""
+        with self._lock:
+            self._next_refresh = 0.0
 
 
 class ApiState:
@@ -119,12 +191,14 @@ class ApiState:
         self.rebuilds = RebuildLauncher(settings.home, self.catalog)
         self.metrics = RequestMetrics()
         self.keys = KeyVerifier(self.catalog, settings.key_cache_s)
+        self.archive = ArchiveLayer(Archive(settings.home, self.catalog), settings.corrections_refresh_s)
         self._view: AtlasView | None = None
         self._view_lock = threading.Lock()
 
     def view(self) -> AtlasView:
-        """The live version with the current corrections applied (one snapshot per state)."""
-        atlas = self.live.get()
+        """The live version with the cells archived and withdrawn since, and the current
+        corrections applied (one snapshot per state)."""
+        atlas = self.archive.applied_to(self.live.get())
         stamp, labels = self.corrections.effective_labels()
         with self._view_lock:
             view = self._view
@@ -180,10 +254,19 @@ Technologist = Annotated[Principal, Depends(require("technologist"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
 
 
+UmPerPixel = Annotated[float | None, Query(
+    ge=UM_PER_PIXEL_RANGE[0], le=UM_PER_PIXEL_RANGE[1], allow_inf_nan=False,
+    description="the image's scale in um per pixel (default: the atlas's); the image is resampled "
+                "to the atlas's scale before segmentation")]
+
+
 @dataclass
 class UploadedImage:
-    image: np.ndarray
+    image: np.ndarray  # decoded no larger than the atlas's scale needs (atlas.scale.read_upload)
     sha256: str
+    shape: tuple[int, int]  # (height, width) of the image as uploaded: answers speak its pixels
+    um_per_pixel: float | None  # the upload's scale as given (None: the atlas's)
+    decoded_um_per_pixel: float | None  # `image`'s scale, the reduction at decode folded in
 
 
 class UploadTooLarge(ValueError):
@@ -191,13 +274,18 @@ class UploadTooLarge(ValueError):
 
 
 def uploaded_image(image: Annotated[UploadFile, File(description="a cell image (JPEG, PNG, TIFF, BMP)")],
-                   state: State) -> UploadedImage:
-    """The decoded upload; 413 above the byte limit, 400 when it is not a readable image."""
+                   state: State, view: View, um_per_pixel: UmPerPixel = None) -> UploadedImage:
+    """The decoded upload, reduced at decode to what segmentation at the atlas's scale needs;
+    413 above the byte limit or the working pixel limit, 400 when it is not a readable image."""
     limit = state.settings.max_upload_bytes
     data = image.file.read(limit + 1)
     if len(data) > limit:
         raise UploadTooLarge(f"the image is larger than the {limit // (1024 * 1024)} MB allowed")
-    return UploadedImage(image=read_image_bytes(data), sha256=content_hash(data))
+    decoded, decoded_um_per_pixel = read_upload(data, um_per_pixel, view.atlas.um_per_pixel,
+                                                state.settings.max_working_pixels)
+    width, height = decoded.size
+    return UploadedImage(image=decoded.image, sha256=content_hash(data), shape=(height, width),
+                         um_per_pixel=um_per_pixel, decoded_um_per_pixel=decoded_um_per_pixel)
 
 
 Upload = Annotated[UploadedImage, Depends(uploaded_image)]

@@ -53,9 +53,24 @@ class BBox(BaseModel):
 
 class Prediction(BaseModel):
     label: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float] = Field(description="calibrated (temperature-scaled) class probabilities")
     entropy_bits: float = Field(description="Shannon entropy of the probabilities; 0 = certain")
-    flagged: bool = Field(description="entropy above the atlas's threshold: a person should look")
+    flagged: bool = Field(description="a person should look: the prediction set holds more than one class, "
+                                      "or none (atlases built before prediction sets: entropy above the "
+                                      "atlas's threshold)")
+    prediction_set: list[str] | None = Field(
+        None, description="the classes that cannot be ruled out: the true class is in this set `coverage` "
+                          "of the time (calibrated class by class); null for atlases built before sets")
+    coverage: float | None = Field(None, description="the coverage of `prediction_set`, e.g. 0.99")
+
+
+class Novelty(BaseModel):
+    """How unlike the archive the cell is, against the archive's own cells."""
+
+    score: float = Field(description="mean squared error between the cell's latent and its nearest archived cells'")
+    p_value: float = Field(description="share of archived cells at least as far from their own nearest cells")
+    novel: bool = Field(description="p_value below the stated level (0.01): nothing close in the archive")
+    message: str | None = Field(description="a sentence for the reviewer when novel")
 
 
 # -- reference cells and classification ------------------------------------------------------
@@ -78,6 +93,7 @@ class ReferenceCellsResponse(BaseModel):
     som_node: SomNode
     features: dict[str, float | None]
     references: list[ReferenceCell]
+    novelty: Novelty | None = Field(None, description="null for atlases built before novelty scores")
     timings_ms: dict[str, float] = {}
 
 
@@ -101,6 +117,7 @@ class ClassifyResponse(BaseModel):
     feature_positions: list[FeaturePosition]
     som_node: SomNode
     label_distribution: dict[str, float]
+    novelty: Novelty | None = Field(None, description="null for atlases built before novelty scores")
     timings_ms: dict[str, float] = {}
 
 
@@ -267,6 +284,64 @@ class Correction(BaseModel):
 class CorrectionPage(BaseModel):
     items: list[Correction]
     next_cursor: int | None = Field(description="pass as `cursor` for older corrections")
+
+
+# -- the living archive: cells archived one at a time, withdrawals, drift -------------------------
+class CopyOfArchivedCell(BaseModel):
+    archived_cell_id: str
+    archived_label: str | None
+    kind: Literal["exact", "near"] = Field(description="exact: the same file; near: the dedup rule's hashes agree")
+    bits: int = Field(description="64-bit average-hash bits that differ (0 for an exact copy)")
+
+
+class CellCopiesArchive(Problem):
+    """A 409: the uploaded cell is already archived; nothing was added."""
+
+    duplicates: list[CopyOfArchivedCell]
+
+
+class ArchivedCell(BaseModel):
+    cell_id: str
+    label: str
+    source: str | None
+    author: str
+    created_at: datetime
+    version: str = Field(description="the live version it was laid over; the next add, rebuild or build folds it in")
+    image_url: str
+    duplicates: list[CopyOfArchivedCell] = Field(
+        default_factory=list, description="archived cells it copies: always empty here, a copy is answered with 409")
+    prediction: Prediction = Field(description="the live classifier's prediction for it")
+
+
+class WithdrawalRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"\S", description="why (audited)")
+
+
+class Withdrawal(BaseModel):
+    event_id: int
+    cell_id: str
+    action: Literal["withdraw", "restore"]
+    reason: str
+    author: str
+    created_at: datetime
+    atlas_version: str | None
+
+
+class DriftMeasures(BaseModel):
+    cells: int
+    share_far: float = Field(description="share beyond the archive's own 99th-percentile nearest-neighbour distance")
+    mean_entropy_bits: float | None
+    share_flagged: float
+
+
+class DriftReport(DriftMeasures):
+    version: str
+    drift: bool = Field(description="true: retrain the models on the grown archive (rebuild --retrain-backbone)")
+    message: str
+    added_in_version: str | None = Field(description="the version whose addition this describes")
+    threshold_share: float | None = None
+    archive_far_distance: float | None = None
+    by_source: dict[str, DriftMeasures] = Field(default_factory=dict)
 
 
 # -- rebuilds ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from atlas.labels import (
 )
 from atlas.reference import LoadedAtlas, QueryResult
 from atlas.rle import encode_rle
+from atlas.scale import region_in_pixels_of
 from atlas.store import AtlasStore
 
 
@@ -273,7 +274,7 @@ class AtlasView:
                 cell_id=r.cell_id, label=r.label, distance=r.distance,
                 som_node=som_node(r.som_node), image_url=image_url(r.cell_id))
                 for r in result.references],
-            timings_ms=result.timings_ms,
+            novelty=novelty(result), timings_ms=result.timings_ms,
         )
 
     def classify_response(self, result: QueryResult) -> schemas.ClassifyResponse:
@@ -281,7 +282,8 @@ class AtlasView:
             version=result.version, prediction=prediction(result), features=result.features,
             feature_positions=self.feature_positions(result.features),
             som_node=som_node(result.som_node),
-            label_distribution=result.label_distribution, timings_ms=result.timings_ms,
+            label_distribution=result.label_distribution, novelty=novelty(result),
+            timings_ms=result.timings_ms,
         )
 
 
@@ -292,7 +294,30 @@ def som_node(node: tuple[int, int]) -> schemas.SomNode:
 def prediction(result: QueryResult) -> schemas.Prediction:
     p = result.prediction
     return schemas.Prediction(label=p.label, probabilities=p.probabilities,
-                              entropy_bits=p.entropy_bits, flagged=p.flagged)
+                              entropy_bits=p.entropy_bits, flagged=p.flagged,
+                              prediction_set=p.prediction_set, coverage=p.coverage)
+
+
+def novelty(result: QueryResult) -> schemas.Novelty | None:
+    n = result.novelty
+    return None if n is None else schemas.Novelty(score=n.score, p_value=n.p_value, novel=n.novel, message=n.message)
+
+
+def drift_report(view: AtlasView) -> schemas.DriftReport:
+    """How the cells of the latest `cellatlas add` sat against the archive (atlas.drift), as the
+    live version records it; a label rebuild keeps it, a retrained build starts afresh."""
+    manifest = view.base.manifest
+    drift = manifest.get("drift")
+    if not drift:
+        return schemas.DriftReport(version=view.version, drift=False, cells=0, share_far=0.0, mean_entropy_bits=None,
+                                   share_flagged=0.0, added_in_version=None,
+                                   message="no cells added with frozen models since the models were trained")
+    return schemas.DriftReport(
+        version=view.version, drift=drift["drift"], message=drift["message"], cells=drift["cells"],
+        share_far=drift["share_far"], mean_entropy_bits=drift["mean_entropy_bits"],
+        share_flagged=drift["share_flagged"], threshold_share=drift["threshold_share"],
+        archive_far_distance=drift["archive_far_distance"], by_source=drift["by_source"],
+        added_in_version=manifest.get("version") if manifest.get("kind") == "add" else manifest.get("parent_version"))
 
 
 def atlas_summary(view: AtlasView) -> schemas.AtlasSummary:
@@ -322,13 +347,16 @@ def versions(home: Path) -> schemas.Versions:
     return schemas.Versions(current=current, versions=infos)
 
 
-def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter,
+def segment_response(shape: tuple[int, ...], regions: list[CellRegion], segmenter,
                      um_per_pixel: float | None = None) -> schemas.SegmentResponse:
-    """`regions` in `image`'s pixels; `um_per_pixel` the image's scale (None: the segmenter's)."""
+    """`regions` reported in the pixels of the uploaded image, of `shape` (each mapped there in
+    turn, so that only one region is held at the upload's full size); `um_per_pixel` the
+    upload's scale (None: the segmenter's)."""
     if not regions:
         raise NoCellFound("no white cell found in the image")
     cells = []
     for index, region in enumerate(regions):
+        region = region_in_pixels_of(region, shape)
         r0, c0, r1, c1 = region.bbox
         centre_row, centre_col = region.nucleus_centre
         cells.append(schemas.SegmentedCell(
@@ -337,7 +365,7 @@ def segment_response(image: np.ndarray, regions: list[CellRegion], segmenter,
             nucleus_mask=schemas.RLE(**encode_rle(region.nucleus)),
             cell_area_px=int(region.cell.sum()), nucleus_area_px=int(region.nucleus.sum()),
             nucleus_centre=schemas.Point(x=centre_col, y=centre_row)))
-    return schemas.SegmentResponse(width=image.shape[1], height=image.shape[0],
+    return schemas.SegmentResponse(width=shape[1], height=shape[0],
                                    segmenter=segmenter.name,
                                    um_per_pixel=um_per_pixel or segmenter.um_per_pixel,
                                    cells=cells)

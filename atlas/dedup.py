@@ -77,20 +77,37 @@ def find_duplicates(hashes: np.ndarray, fine_hashes: list[str], labels: list[str
 
 
 def hamming_pairs(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
-    """All pairs (i < j) whose 64-bit hashes differ by at most `max_bits` bits."""
+    """All pairs (i < j) whose 64-bit hashes differ by at most `max_bits` bits, sorted by i then
+    j: the same pairs as comparing every hash with every other (tests/test_dedup.py), found by
+    multi-index hashing instead (see `_pair_index`)."""
     codes = _to_bytes(hashes)
     if len(codes) < 2:
         return []
-    index = faiss.IndexBinaryFlat(64)
-    index.add(codes)
+    index = _pair_index(codes, max_bits)
     # range_search keeps distances strictly below the radius
     lims, distances, ids = index.range_search(codes, max_bits + 1)
-    pairs = []
-    for i in range(len(codes)):
-        for d, j in zip(distances[lims[i] : lims[i + 1]], ids[lims[i] : lims[i + 1]]):
-            if j > i:
-                pairs.append((i, int(j), int(d)))
-    return pairs
+    queries = np.repeat(np.arange(len(codes)), np.diff(lims).astype(np.int64))
+    later = ids > queries
+    i, j, d = queries[later], ids[later], distances[later]
+    order = np.lexsort((j, i))
+    return list(zip(i[order].tolist(), j[order].tolist(), d[order].tolist()))
+
+
+def _pair_index(codes: np.ndarray, max_bits: int) -> faiss.IndexBinary:
+    """An index whose range search finds every code within `max_bits` of a query. Pigeonhole:
+    cut the 64 bits into max_bits + 1 blocks; two codes that differ in at most max_bits bits
+    agree exactly on at least one block, so a multi-index hash (one table per block, exact keys,
+    FAISS `IndexBinaryMultiHash` with nflip = 0) yields every such pair as a candidate and then
+    checks the full distance. Each query looks at the few codes sharing one of its blocks
+    instead of all n (1M hashes: seconds instead of hours, bench/dedup_bench.py). Past 7 bits the
+    blocks get too short to narrow anything, and the flat index compares all pairs."""
+    if max_bits > 7:
+        index = faiss.IndexBinaryFlat(64)
+    else:
+        index = faiss.IndexBinaryMultiHash(64, max_bits + 1, min(32, 64 // (max_bits + 1)))
+        index.nflip = 0
+    index.add(codes)
+    return index
 
 
 def hamming_to(hashes: np.ndarray, query: int, max_bits: int) -> np.ndarray:
@@ -109,3 +126,22 @@ def _to_bytes(hashes: np.ndarray) -> np.ndarray:
 def _codes(labels: list[str | None]) -> np.ndarray:
     names = {name: code for code, name in enumerate(sorted({str(v) for v in labels}))}
     return np.array([names[str(v)] for v in labels])
+
+
+def copies_among(query_hashes: np.ndarray, query_fine: list[str], archive_hashes: np.ndarray,
+                 archive_fine: list[str]) -> list[tuple[int, int, int]]:
+    """(query i, archived j, bits) for every archived cell that a query cell copies: 64-bit
+    hashes within DUPLICATE_BITS confirmed by the fine hash (CONFIRM_BITS), whatever the labels
+    (a copy with another label is still the same cell). The archive is indexed once and each
+    query searched in it, so a batch costs (batch x archive), not (archive x archive)."""
+    if len(query_hashes) == 0 or len(archive_hashes) == 0:
+        return []
+    index = faiss.IndexBinaryFlat(64)
+    index.add(_to_bytes(archive_hashes))
+    lims, distances, ids = index.range_search(_to_bytes(query_hashes), DUPLICATE_BITS + 1)
+    found = []
+    for i in range(len(query_hashes)):
+        for bits, j in zip(distances[lims[i] : lims[i + 1]], ids[lims[i] : lims[i + 1]]):
+            if fine_distance(query_fine[i], archive_fine[int(j)]) <= CONFIRM_BITS:
+                found.append((i, int(j), int(bits)))
+    return found

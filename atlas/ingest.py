@@ -11,6 +11,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 MAX_PIXELS = 50_000_000  # a smear field is ~1-10 Mpx; beyond this is a mistake or an attack
+REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK"}  # Image.reduce works on them as they are
 OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
@@ -60,8 +62,31 @@ def list_images(root: Path) -> list[ImageRecord]:
     return records
 
 
+class ImageTooLarge(ImageReadError):
+    """An image with more pixels than one upload may be worked on; the message says what is
+    allowed and what to do."""
+
+
+@dataclass
+class DecodedImage:
+    image: np.ndarray  # RGB uint8, possibly reduced at decode
+    size: tuple[int, int]  # (width, height) as the file declares them
+    reduction: float = 1.0  # file pixels per decoded pixel along a side (1: full size)
+
+
 def read_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to RGB uint8, or raise ImageReadError with a clear reason."""
+    return decode_image(data, max_pixels).image
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS,
+                 reduction_for: Callable[[int, int], int] | None = None) -> DecodedImage:
+    """Decode image bytes to RGB uint8, reduced at decode by the integer factor that
+    `reduction_for(width, height)` gives (called with the header's size, before any pixel is
+    decoded; it may raise ImageReadError to refuse the image). A JPEG is reduced inside the
+    decoder (`Image.draft`: DCT scaling by 1/2, 1/4 or 1/8, so the full-size image never
+    exists), other formats by box averaging (`Image.reduce`) right after decoding. Raises
+    ImageReadError with a clear reason (also above `max_pixels`, from the header)."""
     if not data:
         raise ImageReadError("file is empty")
     try:
@@ -69,11 +94,22 @@ def read_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-                if width * height > max_pixels:
+                if width * height > max_pixels:  # a mistake or a decompression bomb: 400
                     raise ImageReadError(
                         f"image is {width}x{height} pixels, more than the {max_pixels:,} allowed")
+                factor = max(1, int(reduction_for(width, height))) if reduction_for else 1
+                if factor > 1 and image.format == "JPEG":
+                    image.draft("RGB", (-(-width // factor), -(-height // factor)))
                 image.load()  # decodes fully: truncated files fail here
-                return np.asarray(_to_rgb(image))
+                remaining = image.size[0] * factor // width  # what draft did not already reduce
+                if remaining > 1 and image.mode in REDUCIBLE_MODES:  # before widening to RGB
+                    image, remaining = image.reduce(remaining), 1
+                rgb = _to_rgb(image)
+                if remaining > 1:
+                    rgb = rgb.reduce(remaining)
+                if min(rgb.size) < 1:
+                    raise ImageReadError(f"image is {width}x{height} pixels, too small to read")
+                return DecodedImage(np.asarray(rgb), (width, height), width / rgb.size[0])
     except ImageReadError:
         raise
     except UnidentifiedImageError as error:
@@ -81,7 +117,7 @@ def read_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError("not a readable image (not a JPEG, PNG, TIFF or BMP file)") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageReadError(f"not a readable image ({_client_text(error)})") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
         raise ImageReadError(f"corrupt or truncated image ({_client_text(error)})") from error
 
 

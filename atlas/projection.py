@@ -20,3 +20,13 @@ def umap_projection(latents: np.ndarray, seed: int = 0, n_neighbors: int = 15) -
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=0.1, random_state=seed,
                         n_jobs=1)
     return reducer.fit_transform(latents).astype(np.float32)
+
+
+def place_in_projection(distances: np.ndarray, neighbours: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(n, 2) positions of new cells in an existing projection, without refitting it: the mean
+    of their nearest archived cells' positions (`neighbours`, rows of latent-index positions,
+    -1 for none), weighted by 1/(distance + eps). This is where UMAP's own `transform` starts
+    its new points; the archive's map keeps every archived cell where it was."""
+    weights = np.where(neighbours >= 0, 1.0 / (np.asarray(distances, np.float64) + 1e-6), 0.0)
+    weights /= np.maximum(weights.sum(1, keepdims=True), 1e-12)
+    return (weights[:, :, None] * np.asarray(positions, np.float64)[neighbours.clip(0)]).sum(1).astype(np.float32)

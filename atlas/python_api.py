@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atlas.archive import Archive
 from atlas.catalog import Catalog
 from atlas.cell import CellRegion, check_image
 from atlas.classifier import Prediction
@@ -78,11 +79,14 @@ class Atlas:
     @classmethod
     def open(cls, home: str | os.PathLike) -> Atlas:
         """The live version of `home` (`AtlasNotFound` if none is published) with the
-        corrections logged in its catalogue so far."""
+        corrections logged in its catalogue so far, the cells archived through the API since it
+        was published and without the withdrawn cells (as the API serves it)."""
         catalog = Catalog(home)
+        loaded = LoadedAtlas.open(home)
         # A home copied without its catalogue has no corrections; reading must not create one.
-        corrections = catalog.effective_labels()[1] if catalog.path.exists() else {}
-        return cls(LoadedAtlas.open(home), corrections)
+        if not catalog.path.exists():
+            return cls(loaded, {})
+        return cls(Archive(home, catalog).applied_to(loaded), catalog.effective_labels()[1])
 
     @property
     def version(self) -> str:

@@ -22,8 +22,10 @@ import pandas as pd
 from atlas.cell import CellCrop, CellRegion
 from atlas.classifier import Prediction, classifier_input
 from atlas.features import FEATURE_NAMES, named_features
+from atlas.novelty import Novelty
 from atlas.prepare import PreparedCell, prepare_cells
 from atlas.scale import region_in_pixels_of, to_scale
+from atlas.search import LatentIndex
 from atlas.store import AtlasStore
 
 METHODS = ("latent", "som")
@@ -32,6 +34,10 @@ MAX_K = 100
 
 class UnknownCell(KeyError):
     """No archived cell has this id."""
+
+
+class WithdrawnCell(LookupError):
+    """A cell that has been withdrawn; the message says when, by whom and why."""
 
 
 @dataclass
@@ -52,6 +58,7 @@ class QueryResult:
     som_node: tuple[int, int]
     cell_id: str | None = None  # set when the query is an archived cell
     timings_ms: dict[str, float] = field(default_factory=dict)
+    novelty: Novelty | None = None  # None: a version built before novelty was calibrated
 
 
 class LoadedAtlas:
@@ -66,15 +73,24 @@ class LoadedAtlas:
         self.som, self.u_matrix = self.files.read_som()
         self.embedder = self.files.read_embedder(device="auto")
         self.classifier = self.files.read_classifier()
+        self.novelty_scorer = self.files.read_novelty()
         self.classes = list(self.classifier.classes_)
         self.um_per_pixel = self.files.um_per_pixel
         self.segmenter = self.files.read_segmenter()  # the one the version was built with
-        self.position = {cell_id: i for i, cell_id in enumerate(self.cells["cell_id"])}
+        self._index_cells()
+
+    def _index_cells(self) -> None:
+        """Lookups over `self.cells` (positions, labels, nodes, duplicate groups, source hashes)."""
+        self.position = {cell_id: i for i, cell_id in enumerate(self.cells["cell_id"].to_numpy(dtype=object))}
+        labels = self.cells["label"].astype(object)
+        self.cells["label"] = labels.where(labels.notna(), None)  # unlabelled: None, never NaN
         self.labels = self.cells["label"].to_numpy(dtype=object)
-        self.nodes = self.cells[["som_row", "som_col"]].to_numpy()
-        self.som_distance = self.cells["som_distance"].to_numpy()
+        self.nodes = self.cells[["som_row", "som_col"]].to_numpy().astype(np.int64)
+        self.som_distance = self.cells["som_distance"].to_numpy(dtype=np.float64)
         groups = self.cells["duplicate_group"].to_numpy()
-        self._group_members = pd.Series(np.arange(len(groups))).groupby(groups).apply(list).to_dict()
+        self._group_members = {}  # a plain loop: pandas' groupby-apply took 0.9 s for 7,600 cells
+        for position, group in enumerate(groups):
+            self._group_members.setdefault(group, []).append(position)
         self._groups = groups
         self._by_sha = dict(zip(self.cells["source_sha256"] + "-" + self.cells["cell_index"].astype(str),
                                 range(len(self.cells))))
@@ -82,6 +98,33 @@ class LoadedAtlas:
     @classmethod
     def open(cls, home: Path | str) -> LoadedAtlas:
         return cls(Path(home), AtlasStore(home).require_current())
+
+    # -- the living archive: cells archived and withdrawn since the version was published --------
+    withdrawn: dict[str, str] = {}  # withdrawn cell id -> why it is not served (set by `amended`)
+
+    def amended(self, added: pd.DataFrame, added_latents: np.ndarray,
+                withdrawn: dict[str, str] | None = None) -> LoadedAtlas:
+        """This version serving `added` cells too (cells-table rows with their latents, placed
+        by this version's models) and no longer serving the `withdrawn` cells ({cell_id: the
+        message a request for it gets}): a new object sharing the models; this one is left as
+        it is for the requests holding it."""
+        withdrawn = withdrawn or {}
+        keep = np.fromiter((cell_id not in withdrawn for cell_id in self.cells["cell_id"].to_numpy(dtype=object)),
+                           bool, len(self.cells))
+        new = np.fromiter((cell_id not in withdrawn and cell_id not in self.position
+                           for cell_id in added["cell_id"].to_numpy(dtype=object)), bool, len(added))
+        view = copy.copy(self)
+        if keep.all():
+            view.cells = pd.concat([self.cells, added[new]], ignore_index=True) if new.any() else self.cells
+            view.index = self.index.extended(added_latents[new]) if new.any() else self.index
+        else:
+            view.cells = pd.concat([self.cells[keep], added[new]], ignore_index=True)
+        view.latents = np.concatenate([self.latents[keep], np.asarray(added_latents, np.float32)[new]])
+        if not keep.all():
+            view.index = LatentIndex.build(view.latents)
+        view.withdrawn = dict(withdrawn)
+        view._index_cells()
+        return view
 
     @property
     def flag_bits(self) -> float:
@@ -103,6 +146,8 @@ class LoadedAtlas:
     def position_of(self, cell_id: str) -> int:
         position = self.position.get(cell_id)
         if position is None:
+            if cell_id in self.withdrawn:
+                raise WithdrawnCell(self.withdrawn[cell_id])
             raise UnknownCell(cell_id)
         return position
 
@@ -121,8 +166,14 @@ class LoadedAtlas:
         """Every white cell of `image` (at `um_per_pixel`; None: the atlas's), main cell first,
         found by the version's segmenter at the atlas's scale (the cells a query would see), with
         masks and boxes in `image`'s own pixels."""
-        regions = self.segmenter.segment(self.at_atlas_scale(image, um_per_pixel))
-        return [region_in_pixels_of(region, image.shape) for region in regions]
+        return [region_in_pixels_of(region, image.shape)
+                for region in self.segment_at_atlas_scale(image, um_per_pixel)]
+
+    def segment_at_atlas_scale(self, image: np.ndarray,
+                               um_per_pixel: float | None = None) -> list[CellRegion]:
+        """As `segment`, with masks and boxes left in the atlas's pixels (`region_in_pixels_of`
+        maps them to any image of the same field, one at a time)."""
+        return self.segmenter.segment(self.at_atlas_scale(image, um_per_pixel))
 
     def embed(self, crops: list[CellCrop]) -> np.ndarray:
         """VAE latents (the cells' embeddings) of nucleus-centred crops."""
@@ -161,6 +212,12 @@ class LoadedAtlas:
             used += 1
         total = sum(weights.values()) or 1.0
         return {label: w / total for label, w in sorted(weights.items(), key=lambda kv: -kv[1])}
+
+    def novelty(self, latent: np.ndarray, exclude: set[int] = frozenset()) -> Novelty | None:
+        """How unlike the archive (its cells outside `exclude`) one latent is; None for a version
+        built before novelty was calibrated."""
+        score = None if self.novelty_scorer is None else self.novelty_scorer.score(self.index, latent, exclude)
+        return None if score is None else self.novelty_scorer.novelty(score)
 
     def som_node(self, latent: np.ndarray) -> tuple[int, int]:
         row, col = self.som.winners(latent)[0]
@@ -201,7 +258,16 @@ class LoadedAtlas:
         return Prediction(label=self.classes[int(proba.argmax())],
                           probabilities={c: float(p) for c, p in zip(self.classes, proba)},
                           entropy_bits=float(self.cells["entropy_bits"].iat[position]),
-                          flagged=bool(self.cells["flagged"].iat[position]))
+                          flagged=bool(self.cells["flagged"].iat[position]),
+                          **self._stored_set(position))
+
+    def _stored_set(self, position: int) -> dict:
+        """An archived cell's stored prediction set (none in versions built before them)."""
+        stored = self.cells["prediction_set"].iat[position] if "prediction_set" in self.cells else None
+        calibration = self.classifier.calibration_
+        if stored is None or calibration is None or not isinstance(stored, (list, np.ndarray)):
+            return {}
+        return {"prediction_set": [str(c) for c in stored], "coverage": calibration.coverage}
 
     def _answer(self, features, latent, k, method, exclude, prediction=None) -> QueryResult:
         return QueryResult(
@@ -211,6 +277,7 @@ class LoadedAtlas:
             references=self.reference_cells(latent, k, method, exclude),
             label_distribution=self.label_distribution(latent, 100, exclude),
             som_node=self.som_node(latent),
+            novelty=self.novelty(latent, exclude),
         )
 
     def _by_sha_position(self, image_sha: str | None) -> set[int]:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from atlas.cell import MIN_IMAGE_SIDE, CellRegion, SegmentationError
-from atlas.ingest import MAX_PIXELS
+from atlas.ingest import MAX_PIXELS, DecodedImage, ImageTooLarge, decode_image
 
 # Light microscopes resolve about 0.2 um; scanners and cameras on blood smears sample at
 # 0.05-0.5 um per pixel. Outside 0.01-2 um/px the value is a unit mistake (nm, or pixels per
@@ -24,6 +24,13 @@ UM_PER_PIXEL_RANGE = (0.01, 2.0)
 # Closer than this to the atlas's scale an image is used as it is: resampling by 1% moves a
 # nucleus edge by well under a pixel and would only blur the image.
 SAME_SCALE_TOLERANCE = 0.01
+# The most pixels one upload is segmented at, at the atlas's scale: 6 Mpx is a 245x245 um field
+# at 0.1 um/px (a 100x objective sees ~180 um), and bounds one request to a few hundred MB and a
+# few seconds on one core (measured in bench/upload_memory.py; the classical segmenter holds
+# ~50-300 bytes per pixel). A larger field is refused from its header, before decoding.
+MAX_WORKING_PIXELS = 6_000_000
+# Reductions JPEG decoders make inside the DCT (Image.draft); other formats reduce by any integer.
+DECODE_REDUCTIONS = (1, 2, 4, 8)
 
 
 class ScaleError(SegmentationError):
@@ -71,6 +78,42 @@ def to_scale(image: np.ndarray, um_per_pixel: float | None,
         raise ScaleError(f"{becomes}, too small to hold a white cell (need at least "
                          f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
     return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS))
+
+
+def decode_reduction(width: int, height: int, um_per_pixel: float | None, target_um_per_pixel: float,
+                     max_working_pixels: int = MAX_WORKING_PIXELS) -> int:
+    """By how much an image of `width` x `height` taken at `um_per_pixel` (None: the target's)
+    can be reduced at decode and still be at least as fine as `target_um_per_pixel`: the largest
+    of DECODE_REDUCTIONS not above target / um_per_pixel. ImageTooLarge when the image, brought
+    to the target scale, would have more than `max_working_pixels`."""
+    um_per_pixel = target_um_per_pixel if um_per_pixel is None else check_um_per_pixel(um_per_pixel)
+    ratio = um_per_pixel / target_um_per_pixel
+    working = width * height * ratio * ratio
+    if working > max_working_pixels:
+        at_target = f"{round(width * ratio)}x{round(height * ratio)}"
+        raise ImageTooLarge(
+            f"the image is {width}x{height} pixels at {um_per_pixel:g} um per pixel, {at_target} at "
+            f"the atlas's {target_um_per_pixel:g} um per pixel; one upload is worked on at most at "
+            f"{max_working_pixels:,} pixels of the atlas's scale: crop it around the cells, or "
+            "give its real scale with um_per_pixel")
+    # Never reduce below the target scale (the segmenter would then have to enlarge it again).
+    return max((f for f in DECODE_REDUCTIONS if f <= 1 / ratio + 1e-9), default=1)
+
+
+def read_upload(data: bytes, um_per_pixel: float | None, target_um_per_pixel: float,
+                max_working_pixels: int = MAX_WORKING_PIXELS) -> tuple[DecodedImage, float | None]:
+    """An uploaded image decoded no larger than segmentation at `target_um_per_pixel` needs,
+    and its scale after that reduction (None when it was sent at the target's scale and not
+    reduced): the reduction is folded into um_per_pixel so that `to_scale` finishes the
+    resampling exactly. Raises ImageReadError (ImageTooLarge: too many pixels to work on) or
+    ScaleError."""
+    if um_per_pixel is not None:
+        um_per_pixel = check_um_per_pixel(um_per_pixel)  # ScaleError here, not inside the decoder
+    decoded = decode_image(data, MAX_PIXELS, lambda width, height: decode_reduction(
+        width, height, um_per_pixel, target_um_per_pixel, max_working_pixels))
+    if decoded.reduction == 1:
+        return decoded, um_per_pixel
+    return decoded, (um_per_pixel or target_um_per_pixel) * decoded.reduction
 
 
 def region_in_pixels_of(region: CellRegion, shape: tuple[int, ...]) -> CellRegion:

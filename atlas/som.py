@@ -1,14 +1,20 @@
 """Self-organising map: a vectorised batch SOM in torch with MiniSom's error measures.
 
-Why not MiniSom itself: it trains one sample per iteration (36 ms per iteration on a 244x244
-map, about ten hours for the core design's million iterations). The batch SOM below does one
+Why not MiniSom itself: it trains one sample per iteration (13.6 ms per iteration on a 244x244
+map, about four hours for the core design's million iterations). The batch SOM below does one
 pass over all data per epoch: best-matching units by chunked matrix products, then every node
 becomes the neighbourhood-weighted mean of the data. The Gaussian neighbourhood on a
 rectangular grid is separable, h(i, j) = g(row_i - row_j) * g(col_i - col_j), so smoothing the
-per-node sums costs two small matrix products instead of a (nodes x nodes) table.
+per-node sums costs two small matrix products instead of a (nodes x nodes) table: memory stays
+linear in the number of nodes.
+
+The map starts on the plane of the data's first two principal components (PCA initialisation,
+as the SOM Toolbox's `lininit`), so the first epochs order an already spread map instead of
+untangling random nodes. The schedule's ends were measured (bench/som_bench.py, `--schedules`).
 
 `quantization_error`, `topographic_error` and `u_matrix` follow MiniSom's definitions exactly
 (rectangular topology, `distance_map(scaling="sum")`), and the tests check them against MiniSom.
+`map_errors` computes both errors of any codebook (this map's, somoclu's, MiniSom's) in one pass.
 
 The map owns its input scaling, as a scikit-learn estimator would: `fit` learns each
 dimension's mean and standard deviation (`mean_`, `std_`) and every method takes raw vectors,
@@ -22,7 +28,9 @@ import math
 import numpy as np
 import torch
 
-_CHUNK = 4096  # data rows per distance block; keeps a block under ~250 MB on a 244x244 map
+_BLOCK_ENTRIES = 2**24  # distances per block (64 MB of float32), whatever the map's size
+INITIALISATIONS = ("pca", "random")
+DECAYS = ("exponential", "linear")
 
 
 def standard_scale(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,12 +55,37 @@ def grid_shape_for(data: np.ndarray, max_side: int = 244) -> tuple[int, int]:
     return min(rows, max_side), min(cols, max_side)
 
 
+def map_errors(weights: np.ndarray, data: np.ndarray, device: str = "cpu") -> tuple[float, float]:
+    """(quantization error, topographic error) of a (rows, cols, dim) codebook on `data`, in
+    the units of `data`, by MiniSom's definitions: the mean distance of each sample to its
+    best-matching node, and the share of samples whose best and second-best nodes are not
+    neighbours (8-neighbourhood: grid distance > 1.42). One pass over the data."""
+    rows, cols, dim = weights.shape
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    flat = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1, dim)
+    x, w = torch.as_tensor(data, device=device), torch.as_tensor(flat, device=device)
+    best = _best_units(x, w, k=2 if rows * cols > 1 else 1).cpu().numpy()
+    quantization = float(np.linalg.norm(data - flat[best[:, 0]], axis=1).mean())
+    if rows * cols < 2:
+        return quantization, float("nan")
+    r, c = np.unravel_index(best[:, :2], (rows, cols))
+    return quantization, float((np.hypot(r[:, 0] - r[:, 1], c[:, 0] - c[:, 1]) > 1.42).mean())
+
+
 class BatchSOM:
     """Rectangular self-organising map trained with the batch algorithm.
 
     Hyper-parameters are set in `__init__`; `fit` sets `mean_`, `std_` (the input scaling;
     zeros and ones with `standardise=False`), `weights_` (rows, cols, dim) in scaled units,
     `quantization_error_` and `topographic_error_` (also in scaled units).
+
+    The neighbourhood radius (the Gaussian's sigma, in nodes) falls from `sigma_start` to
+    `sigma_end` at the last epoch, exponentially or linearly (`decay`); `initialisation` is
+    "pca" (the principal plane) or "random" (data points). By default sigma starts at half the
+    longer side after a random start; after a PCA start, where the map is spread already, at
+    1/8 of it, but no less than 10 nodes (or half the side), so that more epochs go to the
+    small radii that fit the data: on the core design's 244x244 map in 10 epochs this lowered
+    both QE and TE; on the build's small maps it changes nothing (bench/som_bench.py).
     """
 
     def __init__(
@@ -65,16 +98,28 @@ class BatchSOM:
         seed: int = 0,
         device: str = "cpu",
         standardise: bool = True,
+        initialisation: str = "pca",
+        decay: str = "exponential",
     ):
         if rows < 1 or cols < 1:
             raise ValueError(f"SOM grid must be at least 1x1, got {rows}x{cols}")
+        if initialisation not in INITIALISATIONS:
+            raise ValueError(f"SOM initialisation must be one of {INITIALISATIONS}, got {initialisation!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"SOM radius decay must be one of {DECAYS}, got {decay!r}")
         self.rows, self.cols = rows, cols
         self.epochs = epochs
-        self.sigma_start = sigma_start if sigma_start is not None else max(rows, cols) / 2
+        if sigma_start is None:
+            side = max(rows, cols)
+            # A PCA start is spread already: past 10 nodes it needs no radius of half the map.
+            sigma_start = max(side / 8, min(side / 2, 10)) if initialisation == "pca" else side / 2
+        self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.seed = seed
         self.device = device
         self.standardise = standardise
+        self.initialisation = initialisation
+        self.decay = decay
 
     # -- training -------------------------------------------------------------------------
     def fit(self, data: np.ndarray, progress=None) -> BatchSOM:
@@ -86,19 +131,13 @@ class BatchSOM:
         else:
             self.mean_, self.std_ = np.zeros(data.shape[1], np.float32), np.ones(data.shape[1], np.float32)
         x = torch.as_tensor(self._scaled(data), device=self.device)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        # Random initialisation (as in the core design): nodes start at random data points.
-        pick = torch.randint(len(x), (self.rows * self.cols,), generator=gen)
-        weights = x[pick.to(x.device)].clone() + 1e-3 * torch.randn(
-            self.rows * self.cols, x.shape[1], generator=gen
-        ).to(x.device)
+        weights = self.initial_codebook(x.cpu().numpy()).reshape(-1, x.shape[1])
+        weights = torch.as_tensor(weights, device=x.device)
         row_pos = torch.arange(self.rows, dtype=torch.float32, device=x.device)
         col_pos = torch.arange(self.cols, dtype=torch.float32, device=x.device)
         for epoch in range(self.epochs):
-            # Exponential decay of the neighbourhood radius from sigma_start to sigma_end.
-            frac = epoch / max(1, self.epochs - 1)
-            sigma = self.sigma_start * (self.sigma_end / self.sigma_start) ** frac
-            bmu = self._best_units(x, weights, k=1)[:, 0]
+            sigma = self.sigma_at(epoch)
+            bmu = _best_units(x, weights, k=1)[:, 0]
             sums = torch.zeros_like(weights).index_add_(0, bmu, x)
             counts = torch.zeros(len(weights), device=x.device).index_add_(
                 0, bmu, torch.ones(len(x), device=x.device)
@@ -114,9 +153,41 @@ class BatchSOM:
             if progress is not None:
                 progress(epoch + 1, self.epochs)
         self.weights_ = weights.view(self.rows, self.cols, -1).cpu().numpy()
-        self.quantization_error_ = self.quantization_error(data)
-        self.topographic_error_ = self.topographic_error(data)
+        self.quantization_error_, self.topographic_error_ = map_errors(
+            self.weights_, x.cpu().numpy(), self.device)
         return self
+
+    def sigma_at(self, epoch: int) -> float:
+        """The neighbourhood radius of an epoch: sigma_start at the first, sigma_end at the last."""
+        frac = epoch / max(1, self.epochs - 1)
+        if self.decay == "linear":
+            return self.sigma_start + (self.sigma_end - self.sigma_start) * frac
+        return self.sigma_start * (self.sigma_end / self.sigma_start) ** frac
+
+    def initial_codebook(self, scaled: np.ndarray) -> np.ndarray:
+        """The (rows, cols, dim) codebook training starts from, for data already scaled.
+        "pca": nodes evenly on the plane of the two largest principal components, two standard
+        deviations either side of the mean, the first component along the longer side.
+        "random": each node a random data point (plus a little noise)."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        x = torch.as_tensor(scaled, dtype=torch.float32)
+        nodes = self.rows * self.cols
+        if self.initialisation == "random" or len(x) < 2:
+            pick = torch.randint(len(x), (nodes,), generator=gen)
+            codebook = x[pick] + 1e-3 * torch.randn(nodes, x.shape[1], generator=gen)
+            return codebook.numpy().reshape(self.rows, self.cols, -1)
+        sample = x[torch.randperm(len(x), generator=gen)[:20_000]]
+        mean = sample.mean(0)
+        _, singular, axes = torch.linalg.svd(sample - mean, full_matrices=False)
+        spread = 2 * singular / math.sqrt(len(sample))  # two standard deviations along each axis
+        steps = [_span(self.rows), _span(self.cols)]
+        first, second = (0, 1) if self.rows >= self.cols else (1, 0)  # which grid axis gets PC1
+        along = [None, None]
+        along[first] = steps[first][:, None] * spread[0] * axes[0]
+        along[second] = (steps[second][:, None] * spread[1] * axes[1] if len(axes) > 1
+                         else torch.zeros(len(steps[second]), x.shape[1]))
+        codebook = mean + along[0][:, None, :] + along[1][None, :, :]
+        return codebook.numpy().astype(np.float32)
 
     # -- use ------------------------------------------------------------------------------
     def winners(self, data: np.ndarray) -> np.ndarray:
@@ -128,7 +199,7 @@ class BatchSOM:
         """Flat indices of the k nearest nodes of every row of `data`, nearest first."""
         x = torch.as_tensor(self._scaled(data), device=self.device)
         w = torch.as_tensor(self.weights_.reshape(-1, self.weights_.shape[2]), device=self.device)
-        return self._best_units(x, w, k).cpu().numpy()
+        return _best_units(x, w, k).cpu().numpy()
 
     def node_distances(self, data: np.ndarray) -> np.ndarray:
         """Euclidean distance (in scaled units) of every row of `data` to its best-matching node."""
@@ -138,17 +209,12 @@ class BatchSOM:
 
     def quantization_error(self, data: np.ndarray) -> float:
         """Mean distance between each sample and its best-matching node (MiniSom's QE)."""
-        return float(self.node_distances(data).mean())
+        return map_errors(self.weights_, self._scaled(data), self.device)[0]
 
     def topographic_error(self, data: np.ndarray) -> float:
         """Share of samples whose best and second-best nodes are not neighbours
         (8-neighbourhood, MiniSom's rectangular rule: grid distance > 1.42)."""
-        if self.rows * self.cols < 2:
-            return float("nan")
-        best_two = self.best_units(data, k=2)
-        r, c = np.unravel_index(best_two, (self.rows, self.cols))
-        gap = np.hypot(r[:, 0] - r[:, 1], c[:, 0] - c[:, 1])
-        return float((gap > 1.42).mean())
+        return map_errors(self.weights_, self._scaled(data), self.device)[1]
 
     def u_matrix(self) -> np.ndarray:
         """Unified distance matrix (MiniSom `distance_map(scaling='sum')`): each node's summed
@@ -194,16 +260,31 @@ class BatchSOM:
     def _scaled(self, data: np.ndarray) -> np.ndarray:
         return ((np.asarray(data, dtype=np.float32) - self.mean_) / self.std_).astype(np.float32)
 
-    @staticmethod
-    def _best_units(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
-        w_sq = (weights**2).sum(1)
-        out = []
-        for start in range(0, len(x), _CHUNK):
-            block = x[start : start + _CHUNK]
-            # ||x - w||^2 = ||w||^2 - 2 x.w (+ ||x||^2, constant per row, irrelevant to argmin)
-            d = w_sq[None, :] - 2 * block @ weights.T
-            out.append(torch.topk(d, k, dim=1, largest=False).indices)
-        return torch.cat(out)
+
+def _best_units(x: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k nearest nodes of each row of x, nearest first, in blocks of rows
+    small enough that one block of distances stays under _BLOCK_ENTRIES."""
+    w_sq = (weights**2).sum(1)
+    block_rows = max(64, _BLOCK_ENTRIES // max(1, len(weights)))
+    # One buffer for every block: allocating a fresh one each time (page faults on tens of MB)
+    # cost as much as the matrix product itself.
+    buffer = torch.empty(min(block_rows, len(x)), len(weights), device=x.device)
+    out = []
+    for start in range(0, len(x), block_rows):
+        block = x[start : start + block_rows]
+        d = buffer[: len(block)]
+        # ||x - w||^2 = ||w||^2 - 2 x.w (+ ||x||^2, constant per row, irrelevant to the ranking)
+        torch.addmm(w_sq[None, :], block, weights.T, alpha=-2, out=d)
+        if k == 1:  # argmin is several times faster than topk on a wide block
+            out.append(d.argmin(1, keepdim=True))
+        else:
+            out.append(torch.topk(d, min(k, d.shape[1]), dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def _span(n: int) -> torch.Tensor:
+    """n evenly spaced steps from -1 to 1 (a single step at 0)."""
+    return torch.linspace(-1, 1, n) if n > 1 else torch.zeros(1)
 
 
 def _smooth(grid: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor) -> torch.Tensor:

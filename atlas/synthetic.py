@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+UNSEEN_CLASSES = ("blast",)  # drawn on request, never in a generated archive: a cell no atlas has seen
 
 PX_PER_UM = 10.0  # the reference scale, 0.1 um per pixel
 _GLASS = np.array([252, 230, 204], np.float32)  # cream glass of a May-Grunwald-Giemsa smear
@@ -45,6 +46,7 @@ NEUTROPHIL_CYTOPLASM, FINE_GRANULE = _density([218, 186, 202]), _density([176, 1
 EOSINOPHIL_CYTOPLASM, COARSE_GRANULE = _density([228, 172, 150]), _density([214, 104, 70])
 MONOCYTE_CYTOPLASM = _density([186, 180, 198])
 LYMPHOCYTE_CYTOPLASM = _density([158, 178, 202])
+BLAST_CYTOPLASM = _density([96, 118, 186])
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,8 @@ def synthetic_cell_with_masks(label: str, rng: np.random.Generator,
                               size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, cell mask, nucleus mask) of one generated white cell: the masks are the truth
     the image was drawn from (for checking a segmenter)."""
-    if label not in CLASSES:
-        raise ValueError(f"unknown synthetic class {label!r}; choose from {CLASSES}")
+    if label not in MORPHOLOGY:
+        raise ValueError(f"unknown synthetic class {label!r}; choose from {CLASSES + UNSEEN_CLASSES}")
     morphology = MORPHOLOGY[label]
     shape = (size, size)
     centre = np.array([size / 2, size / 2]) + rng.uniform(-12, 12, 2)
@@ -198,6 +200,18 @@ def sky_blue_rim(density, region, nucleus, rng) -> None:
     density[region] = LYMPHOCYTE_CYTOPLASM * amount[region, None]
 
 
+def deep_blue_rim(density, region, nucleus, rng) -> None:
+    """Blast (unseen class): a thin rim of deep blue (basophilic) cytoplasm."""
+    density[region] = BLAST_CYTOPLASM * rng.uniform(0.9, 1.1)
+
+
+def large_irregular_nucleus(centre, cell_radius, rng):
+    """Blast (unseen class): a large nucleus with an irregular outline, filling most of the cell."""
+    heading = rng.uniform(0, 2 * np.pi)
+    return [(centre + _unit(heading + a) * cell_radius * rng.uniform(0.1, 0.3), cell_radius * rng.uniform(0.6, 0.75))
+            for a in np.linspace(0, 2 * np.pi, 5)]
+
+
 MORPHOLOGY: dict[str, Morphology] = {
     "neutrophil": Morphology((11.0, 14.0), segmented_nucleus((3, 5), (1.7, 2.2), 0.35), 0.04,
                              1.0, 2.0, fine_lilac_granules),
@@ -205,6 +219,8 @@ MORPHOLOGY: dict[str, Morphology] = {
                              0.9, 2.0, coarse_orange_granules),
     "monocyte": Morphology((14.0, 19.0), folded_nucleus, 0.15, 0.75, 1.4, grey_blue_with_vacuoles),
     "lymphocyte": Morphology((8.0, 12.0), round_nucleus, 0.1, 1.1, 2.8, sky_blue_rim),
+    # not a class of a generated archive (UNSEEN_CLASSES): fine pale chromatin, 20-23 um
+    "blast": Morphology((20.0, 23.0), large_irregular_nucleus, 0.05, 0.55, 0.8, deep_blue_rim),
 }
 
 

@@ -8,11 +8,12 @@ written and read.
       latents.npy             VAE latent means, row i = cell i
       index.faiss             FAISS index over the latents
       som.npz                 SOM codebook, its input scaling, U-matrix
+      novelty.npz             the archive's own leave-one-out novelty scores (atlas.novelty)
       feature_ranges.json     per-class 2/50/98th feature percentiles under the version's labels
       rejections.parquet      input files that gave no cell, with the reason
       models/backbone.pt      Xception backbone   } together: the Embedder
       models/vae.pt           VAE                 }
-      models/classifier.json  XGBoost trees (+ .classes.json: classes and flag threshold)
+      models/classifier.json  XGBoost trees (+ .classes.json: classes, flag threshold, calibration)
       models/segmenter/       a copy of the trained segmenter, when the build used one
 
 Every path to a file of the atlas is stored relative (to the version folder, or, for cell
@@ -24,6 +25,7 @@ directory saw them; `read_cells` turns those into home-relative ones, so they lo
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,6 +36,7 @@ import pandas as pd
 from atlas.classifier import CellClassifier
 from atlas.embedder import Embedder
 from atlas.features import FEATURE_NAMES, load_class_ranges, save_class_ranges
+from atlas.novelty import NoveltyScorer
 from atlas.search import LatentIndex
 from atlas.segmentation import Segmenter, load_segmenter
 from atlas.som import BatchSOM
@@ -43,6 +46,7 @@ CELLS = "cells.parquet"
 LATENTS = "latents.npy"
 INDEX = "index.faiss"
 SOM = "som.npz"
+NOVELTY = "novelty.npz"
 FEATURE_RANGES = "feature_ranges.json"
 REJECTIONS = "rejections.parquet"
 BACKBONE = "models/backbone.pt"
@@ -88,6 +92,10 @@ class AtlasVersion:
         with np.load(self.path(SOM)) as arrays:
             return BatchSOM.from_arrays(arrays), arrays["u_matrix"]
 
+    def read_novelty(self) -> NoveltyScorer | None:
+        """The novelty calibration; None for versions built before it (no novelty answers)."""
+        return NoveltyScorer.load(self.path(NOVELTY)) if self.path(NOVELTY).is_file() else None
+
     def read_embedder(self, device: str = "auto") -> Embedder:
         return Embedder.load(self.path(BACKBONE), self.path(VAE_WEIGHTS), device=device)
 
@@ -106,6 +114,15 @@ class AtlasVersion:
     def read_feature_ranges(self) -> dict | None:
         """{feature: {class: [p2, p50, p98]}} under the version's own labels, or None."""
         return load_class_ranges(self.path(FEATURE_RANGES))
+
+    @functools.cached_property
+    def embedder_fingerprint(self) -> str:
+        """SHA-256 of the backbone and VAE weights: equal for versions that embed alike (an
+        `add` or a label rebuild carries them over), so a latent made by one serves the other."""
+        digest = hashlib.sha256()
+        for name in (BACKBONE, VAE_WEIGHTS):
+            digest.update(self.path(name).read_bytes())
+        return digest.hexdigest()
 
     @property
     def um_per_pixel(self) -> float:
@@ -134,6 +151,9 @@ class AtlasVersion:
 
     def write_index(self, index: LatentIndex) -> None:
         index.save(self.path(INDEX))
+
+    def write_novelty(self, novelty: NoveltyScorer) -> None:
+        novelty.save(self.path(NOVELTY))
 
     def write_som(self, som: BatchSOM) -> None:
         np.savez(self.path(SOM), **som.to_arrays(), u_matrix=som.u_matrix())

@@ -2,7 +2,8 @@
 
 Each step is a function of `indexer.steps` (timed, with progress); this module runs them in
 order, assembles the cells table from what they return, and writes the version:
-  ingest + segment + describe -> relabel -> deduplicate -> split -> train backbone -> embed
+  ingest + segment + describe (+ cells archived through the API, - withdrawn cells) -> relabel
+  -> deduplicate -> split -> train backbone -> embed
   -> train VAE -> index -> SOM -> UMAP -> classify -> write -> publish
 A failed or interrupted build leaves the live version untouched.
 """
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 
 from atlas import __version__
+from atlas.archive import Archive
 from atlas.catalog import Catalog
 from atlas.cell import CROP_SIZE
 from atlas.embedder import Embedder
 from atlas.features import FEATURE_NAMES
-from atlas.ingest import list_images
+from atlas.ingest import ImageRecord, list_images
 from atlas.progress import Say, Timings
 from atlas.search import LatentIndex
 from atlas.segmentation import load_segmenter
@@ -38,11 +40,13 @@ class BuildResult:
     version_dir: Path
 
 
-def build(config: BuildConfig) -> BuildResult:
+def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> BuildResult:
     """Run every step and publish a new version. Raises BuildError where nothing can be built;
-    on any failure the staging folder is removed and the live version is untouched."""
+    on any failure the staging folder is removed and the live version is untouched. `records`
+    (default: the images of `config.images`) are the images to build from. Cells archived one
+    at a time (POST /v1/cells) join them; withdrawn cells are left out."""
     torch.set_num_threads(config.threads)
-    records = list_images(config.images)  # fails early, before anything is written
+    records = list_images(config.images) if records is None else records  # fails early, before anything is written
     segmenter = load_segmenter(config.segmenter, config.um_per_pixel)  # so does a bad model folder
     store = AtlasStore(config.home)
     store.clean_stale_staging()
@@ -58,6 +62,7 @@ def build(config: BuildConfig) -> BuildResult:
             "segmenter: classical thresholds (give --segmenter MODEL to use a trained cellpose model)")
         with timings("ingest_segment_describe"):
             prepared = steps.prepare_images(records, segmenter, config)
+            prepared, archive_summary = steps.with_archive(prepared, Archive(config.home, catalog), segmenter, config)
         cells, rejections = prepared.cells, prepared.rejections
         cells["folder_label"] = cells["label"]
         cells["label"], corrections = steps.relabel(cells["cell_id"], cells["folder_label"], catalog)
@@ -97,11 +102,14 @@ def build(config: BuildConfig) -> BuildResult:
                 cells[list(FEATURE_NAMES)].to_numpy(), latents, cells["label"].to_numpy(object),
                 cells["split"].to_numpy(object), classes, config)
             cells = cells.assign(**steps.prediction_columns(predictions))
+        with timings("novelty"):
+            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"])
         with timings("write"):
             files = store.staging_version(staging)
             files.write_models(embedder, classifier)
             segmenter_path = files.write_segmenter(config.segmenter)
             files.write_index(index)
+            files.write_novelty(novelty)
             files.write_latents(latents)
             files.write_som(som)
             files.write_cells(cells)
@@ -109,8 +117,11 @@ def build(config: BuildConfig) -> BuildResult:
             files.write_rejections(rejections)
         manifest = _manifest(config, records, cells, rejections, segmenter.name, segmenter_path, classes,
                              corrections, duplicates, embedder, som, classification, timings, job_id)
+        manifest["novelty"] = novelty.summary()
+        manifest["archive"] = archive_summary
         with timings("publish"):
             version = store.publish(staging, manifest)
+        catalog.mark_folded(archive_summary["archived_cells_folded"], version)
         catalog.update_job(job_id, state="succeeded", version=version)
         say(build_summary(version, manifest))
         return BuildResult(version, store.manifest(version), store.version_dir(version))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from atlas.backbone import PRESETS
+from atlas.calibration import DEFAULT_COVERAGE, check_coverage
 from atlas.cell import REFERENCE_UM_PER_PIXEL
 from atlas.classifier import DEFAULT_FLAG_BITS
 from atlas.runtime import default_threads
@@ -27,7 +28,8 @@ class BuildConfig:
     som_shape: tuple[int, int] | None = None  # None = rule of thumb from the archive size
     som_epochs: int = 30
     val_fraction: float = 0.1
-    flag_entropy: float | str = DEFAULT_FLAG_BITS  # bits, or "auto" (chosen on held-out cells)
+    flag_entropy: float | str = DEFAULT_FLAG_BITS  # bits, or "auto"; flags only uncalibrated classifiers
+    coverage: float = DEFAULT_COVERAGE  # of the prediction sets: the true class is in the set this often
     um_per_pixel: float = REFERENCE_UM_PER_PIXEL
     segmenter: str | None = None  # a folder from `cellatlas segmenter train`; None = classical
     seed: int = 0
@@ -41,6 +43,10 @@ class BuildConfig:
             self.segmenter = None
         if self.preset not in PRESETS:
             raise BuildError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        try:
+            self.coverage = check_coverage(self.coverage)
+        except ValueError as error:
+            raise BuildError(str(error)) from None
 
 
 def parent_config(manifest: dict, version_dir: Path, home: Path, threads: int, progress: bool) -> BuildConfig:

@@ -2,8 +2,13 @@
 
 Measures: classification accuracy and macro-F1; precision@8 of the reference cells (share of
 the 8 with the query's label); majority-of-8 accuracy; share flagged and accuracy on the
-unflagged; and the core design's rotation check (ROTMES): rotated and mirrored copies of
-archived images should find that cell (or its duplicate group) first.
+unflagged; the uncertainty (empirical coverage and mean size of the prediction sets at 95%,
+99% and the atlas's own coverage, overall and per class; share of the misclassified cells
+flagged; expected calibration error before and after temperature scaling); novelty (scores
+and share novel; with images of classes the atlas lacks, the AUROC of the novelty score
+between those and the known classes and the share of them flagged at 5% false alarms); and
+the core design's rotation check (ROTMES): rotated and mirrored copies of archived images
+should find that cell (or its duplicate group) first.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+from atlas.calibration import expected_calibration_error
 from atlas.cell import SegmentationError
 from atlas.classifier import classifier_input
 from atlas.colour import background_colour
@@ -26,6 +32,8 @@ from atlas.reference import LoadedAtlas
 from atlas.scale import check_um_per_pixel
 
 K = 8
+COVERAGE_LEVELS = (0.95, 0.99)  # reported besides the atlas's own
+FALSE_ALARMS = 0.05  # known-class cells flagged novel, where the share of unknown ones flagged is read
 
 
 def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0,
@@ -48,7 +56,8 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
         except (ImageReadError, SegmentationError) as error:
             failed[str(error).split(" (")[0]] += 1
     latents = atlas.embedder.embed([q.crop for q in queries], show_progress=progress)
-    predictions = atlas.classifier.predict(classifier_input(np.stack([q.features for q in queries]), latents))
+    raw_probabilities = atlas.classifier.predict_proba(classifier_input(np.stack([q.features for q in queries]), latents))
+    predictions = atlas.classifier.predictions(raw_probabilities)
     predicted, flagged = predictions.labels, predictions.flagged
     _, positions = atlas.index.search(latents, K)
     neighbour_labels = atlas.labels[positions]
@@ -81,7 +90,78 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
         },
         "seconds_per_image": (time.perf_counter() - started) / max(1, len(records)),
     }
+    result["uncertainty"] = uncertainty(atlas.classifier, raw_probabilities, labels_arr)
+    result["novelty"] = novelty(atlas, latents, labels_arr)
     result["rotation_invariance"] = rotation_check(atlas, rotmes_per_class, seed, progress)
+    return result
+
+
+def uncertainty(classifier, raw_probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Calibration of the probabilities and the prediction sets, on the cells of known classes."""
+    known = np.isin(labels, classifier.classes_)
+    if not known.any():
+        return {"cells": 0}
+    raw, labels = raw_probabilities[known], labels[known]
+    truth = np.array([classifier.classes_.index(label) for label in labels])
+    calibration = getattr(classifier, "calibration_", None)
+    result = {"cells": int(len(labels)), "calibrated": calibration is not None,
+              "ece_before": expected_calibration_error(raw, truth)}
+    if calibration is None:
+        result["note"] = "classifier saved before calibration: no prediction sets, entropy flag"
+        return result
+    result["temperature"] = calibration.temperature
+    result["ece_after"] = expected_calibration_error(calibration.probabilities(raw), truth)
+    result["default_coverage"] = calibration.coverage
+    result["levels"] = {}
+    for level in sorted({*COVERAGE_LEVELS, calibration.coverage}):
+        result["levels"][f"{level:g}"] = set_measures(classifier.predictions(raw, coverage=level), truth, labels)
+    return result
+
+
+def set_measures(predictions, truth: np.ndarray, labels: np.ndarray) -> dict:
+    """Empirical coverage, mean set size, flags and what they catch, overall and per class."""
+    sets = predictions.sets
+    covered = sets[np.arange(len(truth)), truth]
+    size = sets.sum(1)
+    wrong = predictions.labels != labels
+    flagged = predictions.flagged
+
+    def measures(rows) -> dict:
+        return {"cells": int(rows.sum()), "coverage": float(covered[rows].mean()),
+                "mean_set_size": float(size[rows].mean()), "share_flagged": float(flagged[rows].mean()),
+                "share_empty": float((size[rows] == 0).mean())}
+
+    every = np.ones(len(truth), bool)
+    return {**measures(every), "misclassified": int(wrong.sum()),
+            "misclassified_flagged": float(flagged[wrong].mean()) if wrong.any() else None,
+            "accuracy_unflagged": float((~wrong[~flagged]).mean()) if (~flagged).any() else None,
+            "per_class": {c: measures(labels == c) for c in sorted(set(labels))}}
+
+
+def novelty(atlas: LoadedAtlas, latents: np.ndarray, labels: np.ndarray) -> dict:
+    """Novelty scores of the evaluated cells; with cells of classes the atlas lacks, how well
+    the score tells them from the known classes (AUROC; share flagged at 5% false alarms)."""
+    scorer = atlas.novelty_scorer
+    if scorer is None:
+        return {"note": "version built before novelty was calibrated"}
+    scores = np.array([scorer.score(atlas.index, latent[None]) for latent in latents], dtype=float)
+    p_values = scorer.p_values(scores)
+    novel = p_values < scorer.level
+    unknown = ~np.isin(labels, atlas.classes)
+    result = {"k": scorer.k, "level": scorer.level, "median_score": float(np.median(scores)),
+              "archive_median_score": float(np.median(scorer.reference_scores_)),
+              "share_novel": float(novel.mean()),
+              "share_novel_known_classes": float(novel[~unknown].mean()) if (~unknown).any() else None}
+    if unknown.any() and (~unknown).any():
+        threshold = float(np.quantile(scores[~unknown], 1 - FALSE_ALARMS))
+        result["unknown_classes"] = {
+            c: {"cells": int((labels == c).sum()),
+                "auroc": float(roc_auc_score(np.r_[np.zeros((~unknown).sum()), np.ones((labels == c).sum())],
+                                             np.r_[scores[~unknown], scores[labels == c]])),
+                "share_flagged_at_5pct_false_alarms": float((scores[labels == c] > threshold).mean()),
+                "share_novel": float(novel[labels == c].mean())}
+            for c in sorted(set(labels[unknown]))}
+        result["auroc_mean"] = float(np.mean([v["auroc"] for v in result["unknown_classes"].values()]))
     return result
 
 
@@ -129,3 +209,29 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
         "rotmes_mse": rotmes,
     }
 
+
+
+def evaluate_novelty(config, test_images: Path, leave_out: str, progress: bool = True) -> dict:
+    """Leave one class out: build an atlas (`config`, a BuildConfig whose images hold one
+    sub-folder per class) from every class but `leave_out`, then evaluate it on `test_images`:
+    the left-out class's cells are novel, the other classes' are not. Returns the novelty
+    figures (AUROC, share flagged at 5% false alarms, share novel) with the build's accuracy."""
+    from dataclasses import replace
+
+    from indexer.build import build
+
+    images, test_images = Path(config.images), Path(test_images)
+    for folder in (images, test_images):
+        if not (folder / leave_out).is_dir():
+            raise IngestError(f"{folder} has no sub-folder {leave_out!r} to leave out")
+    kept = Path(config.home) / "inputs" / f"without-{leave_out}"
+    kept.mkdir(parents=True, exist_ok=True)
+    for class_dir in sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        link = kept / class_dir.name
+        if class_dir.name != leave_out and not link.exists():
+            link.symlink_to(class_dir.resolve(), target_is_directory=True)
+    built = build(replace(config, images=kept))
+    result = evaluate(config.home, test_images, rotmes_per_class=0, progress=progress)
+    return {"left_out": leave_out, "atlas_version": built.version, "train_images": str(images),
+            "test_images": str(test_images), "accuracy_known_classes": result["accuracy"],
+            "precision_at_8_known_classes": result["precision_at_8"], "novelty": result["novelty"]}

@@ -5,7 +5,10 @@ corrections log applied over the folder labels, the latest correction of a cell 
 the duplicate groups (same class is part of the rule) and the XGBoost classifier with its
 out-of-fold probabilities, entropies and flags. The backbone, VAE, latents, FAISS index and
 SOM of the parent version are carried over unchanged; the SOM's class overlays follow the
-labels. `retrain_backbone=True` instead reruns the whole build on the parent version's images.
+labels. Cells archived through the API since the parent are folded in (embedded and placed by
+the parent's models, as `cellatlas add` does) and withdrawn cells left out. `retrain_backbone=True`
+instead reruns the whole build on everything archived: the parent's cells' images (its build's and
+its additions') and the API-archived cells.
 
 Safety: at most one rebuild runs per ATLAS_HOME (atlas.jobs.RebuildLock); the corrections
 snapshot is read once, so corrections made meanwhile wait for the next rebuild; everything
@@ -21,15 +24,20 @@ import os
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from atlas import __version__
+from atlas.archive import Archive
 from atlas.catalog import Catalog
 from atlas.features import FEATURE_NAMES
+from atlas.ingest import ImageRecord
 from atlas.jobs import REBUILD, RebuildLock, new_job_id, settle_abandoned_rebuilds
 from atlas.progress import Say, Timings
 from atlas.runtime import default_threads
 from atlas.store import AtlasStore
 from atlas.version import LABEL_INDEPENDENT
 from indexer import steps
+from indexer.add import extend_version
 from indexer.build import build, counts_by_class
 from indexer.config import parent_config
 
@@ -105,6 +113,19 @@ class _Rebuild:
         latents = self.parent_files.read_latents()
         if len(latents) != len(cells):
             raise RebuildError(f"version {self.parent} is damaged: {len(latents)} latents for {len(cells)} cells")
+        index = self.parent_files.read_index()
+        # Cells archived through the API since the parent, and withdrawals, with the parent's models.
+        archive = Archive(self.home, self.catalog)
+        pending, withdrawn = archive.fold_candidates(), archive.withdrawn()
+        folded, left_out = [], 0
+        if pending or cells["cell_id"].isin(withdrawn).any():
+            with self.timings("fold_archive"):
+                archived = steps.prepare_archived(archive, pending, self.parent_files.read_segmenter(), self.config)
+                extension = extend_version(self.parent_files, archived.cells, archived.model_inputs, withdrawn,
+                                           self.parent_files.read_embedder(device=self.config.device),
+                                           self.parent_files.read_classifier(), Timings())
+            cells, latents, index = extension.cells, extension.latents, extension.index
+            folded, left_out = [str(c) for c in extension.added["cell_id"]], extension.withdrawn_left_out
 
         self.step("relabel")
         if "folder_label" not in cells:  # versions built before folder labels were kept
@@ -126,19 +147,28 @@ class _Rebuild:
                 cells[list(FEATURE_NAMES)].to_numpy(), latents, cells["label"].to_numpy(object),
                 cells["split"].to_numpy(object), classes, self.config)
             cells = cells.assign(**steps.prediction_columns(predictions))
+            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"])
 
         staging = self.store.new_staging(tag=STAGING_TAG)
         try:
             self.step("write")
             files = self.store.staging_version(staging)
             files.carry_over(self.parent_files)
+            if folded or left_out:
+                files.write_latents(latents)
+                files.write_index(index)
             files.write_models(None, classifier)
             files.write_cells(cells)
+            files.write_novelty(novelty)  # duplicate groups (left out of the scores) follow labels
             files.write_feature_ranges(cells, classes)  # under the corrected labels
             self.step("publish")
             self.timings.seconds["total"] = round(time.perf_counter() - started, 2)
-            return self.store.publish(staging, self.manifest(cells, classes, corrections, duplicates,
-                                                              classification))
+            manifest = self.manifest(cells, classes, corrections, duplicates, classification)
+            manifest["novelty"] = novelty.summary()
+            manifest["archive"] = {"archived_cells_folded": folded, "withdrawn_left_out": left_out}
+            version = self.store.publish(staging, manifest)
+            self.catalog.mark_folded(folded, version)
+            return version
         except BaseException:
             self.store.discard(staging)
             raise
@@ -165,14 +195,46 @@ class _Rebuild:
 
     # -- retrain everything ---------------------------------------------------------------
     def full(self) -> str:
-        """The whole build again, on the parent's images with its parameters (the build reads
-        and records the corrections itself)."""
-        if not Path(self.config.images).is_dir():
+        """The whole build again with the parent's parameters, on everything the archive holds:
+        the images of every cell of the parent version (its build's and every `add`'s; withdrawn
+        cells are not there) and the cells archived through the API (the build folds those in
+        and reads and records the corrections itself)."""
+        records = archive_records(self.parent_files.read_cells(), self.catalog, self.store)
+        if not any(record.path.is_file() for record in records):
             raise RebuildError(
-                f"version {self.parent} was built from {self.config.images}, which is no longer a folder; "
-                f"build anew with 'cellatlas build --images DIR --home {self.home}'")
+                f"the images of version {self.parent} (built from {self.config.images}) are no longer where "
+                f"they were; build anew with 'cellatlas build --images DIR --home {self.home}'")
         self.progress = {**self.progress, "step": "build", "done": 0, "total": 1}
         self.catalog.update_job(self.job_id, progress=self.progress)
-        result = build(self.config)
+        result = build(self.config, records)
         self.progress = {**self.progress, "build_job_id": result.manifest.get("job_id"), "done": 1}
         return result.version
+
+
+def archive_records(cells, catalog: Catalog, store: AtlasStore | None = None) -> list[ImageRecord]:
+    """The image files a version's cells came from, each once, with the label its folder gave
+    (an unlabelled image stays unlabelled: every cell of it is found again), and those of cells
+    restored after a version left them out (found in the version they were withdrawn from).
+    Cells archived through the API are left out: the build folds them in from the catalogue."""
+    from_api = {a["cell_id"] for a in catalog.archived_cells(pending_only=False)}
+    tables = [cells]
+    if store is not None:  # restored cells that a version left out meanwhile
+        withdrawn_now, present = catalog.withdrawn_cells(), set(cells["cell_id"])
+        missing: dict[str, set[str]] = {}
+        for event in catalog.withdrawals():
+            cell_id = event["cell_id"]
+            if cell_id not in present and cell_id not in withdrawn_now and event["atlas_version"]:
+                missing.setdefault(event["atlas_version"], set()).add(cell_id)
+        for version, cell_ids in missing.items():
+            if version in store.list_versions():
+                older = store.version(version).read_cells()
+                tables.append(older[older["cell_id"].isin(cell_ids)])
+    records, seen = [], set()
+    for table in tables:
+        labels = table["folder_label"] if "folder_label" in table else table["label"]
+        for cell_id, path, label in zip(table["cell_id"], table["source_path"], labels):
+            if cell_id in from_api or path in seen:
+                continue
+            seen.add(path)
+            records.append(ImageRecord(Path(path), None if pd.isna(label) else str(label)))
+    return records

@@ -21,12 +21,29 @@ def build_summary(version: str, manifest: dict) -> str:
         f"val accuracy {val_acc if val_acc is None else f'{val_acc:.3f}'}",
         f"  SOM             {som['rows']}x{som['cols']}, QE {som['quantization_error']:.3f}, "
         f"TE {som['topographic_error']:.3f}",
-        f"  classifier      out-of-fold accuracy {clf['out_of_fold_accuracy']:.3f}, "
-        f"{clf['share_flagged']:.1%} flagged (entropy > {clf['flag_threshold_bits']:.2f} bits)",
+        f"  classifier      out-of-fold accuracy {clf['out_of_fold_accuracy']:.3f}, " + flag_text(clf),
+        *novelty_lines(manifest.get("novelty")),
         "  time            " + ", ".join(f"{k} {v:.0f}s" for k, v in manifest["timings_s"].items()),
         f"  total           {sum(manifest['timings_s'].values()):.0f}s",
     ]
     return "\n".join(lines)
+
+
+def flag_text(clf: dict) -> str:
+    """How many cells the build flagged, and by which rule."""
+    calibration = clf.get("calibration")
+    if not calibration:
+        return f"{clf['share_flagged']:.1%} flagged (entropy > {clf['flag_threshold_bits']:.2f} bits)"
+    return (f"{clf['share_flagged']:.1%} flagged (prediction set at {calibration['coverage']:.0%} not one class; "
+            f"mean set size {calibration['mean_set_size']:.2f}); temperature {calibration['temperature']:.2f}, "
+            f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
+
+
+def novelty_lines(novelty: dict | None) -> list[str]:
+    if not novelty:
+        return []
+    return [f"  novelty         {novelty['k']} nearest cells; novel above {novelty['score_at_level']:.3f} "
+            f"(p < {novelty['level']:g}; archive median {novelty['median_score']:.3f})"]
 
 
 def query_text(result, method: str) -> str:
@@ -34,6 +51,12 @@ def query_text(result, method: str) -> str:
     p = result.prediction
     lines = [f"atlas version {result.version}, SOM node {result.som_node}",
              f"predicted {p.label}  entropy {p.entropy_bits:.2f} bits" + ("  ** UNCERTAIN **" if p.flagged else "")]
+    if p.prediction_set is not None:
+        lines.append(f"prediction set at {p.coverage:.0%}: {{{', '.join(p.prediction_set)}}}")
+    novelty = getattr(result, "novelty", None)
+    if novelty is not None:
+        lines.append(f"novelty {novelty.score:.4f} (p = {novelty.p_value:.2g})"
+                     + (f"  ** {novelty.message} **" if novelty.novel else ""))
     lines += [f"  {label:<16} {prob:6.3f}" for label, prob in sorted(p.probabilities.items(), key=lambda kv: -kv[1])]
     lines.append(f"reference cells ({method}):")
     lines += [f"  {r.cell_id}  {str(r.label):<16} distance {r.distance:.4f}  node {r.som_node}"
@@ -111,4 +134,29 @@ def export_text(result) -> str:
                  f"({result.cells_relabelled} cells relabelled)")
     if result.format == "coco":
         lines.append("  annotations     annotations.json: COCO instances, cell and nucleus masks as RLE")
+    return "\n".join(lines)
+
+
+def add_summary(version: str, manifest: dict) -> str:
+    """What `cellatlas add` did: cells added, copies left out, time per step, drift in words."""
+    add, drift = manifest["add"], manifest["drift"]
+    copies = add["copies_of_archived_cells"]
+    lines = [
+        "",
+        f"Atlas version {version} published (added to {manifest['parent_version']} with its frozen models)",
+        f"  images          {add['image_files']} files, {add['cells_found']} cells found, {add['rejected']} rejected",
+        f"  added           {add['cells_added']} cells ({len(add['archived_cells_folded'])} archived through the API); "
+        f"{add['withdrawn_left_out']} withdrawn cells left out",
+        f"  copies          {len(copies)} already archived, not added"
+        + "".join(f"\n                    {c['source_path']} = {c['archived_cell_id']} ({c['kind']}"
+                  f"{', ' + str(c['bits']) + ' bits' if c['kind'] == 'near' else ''})" for c in copies[:10])
+        + (f"\n                    ... and {len(copies) - 10} more (see the manifest)" if len(copies) > 10 else ""),
+        f"  classes         {', '.join(f'{k} {v}' for k, v in manifest['counts_by_class'].items())}",
+        "  time            " + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items() if k != "total"),
+        f"  total           {manifest['timings_s'].get('total', 0):.1f}s, {add['cells_per_s']:.1f} cells/s",
+        f"  drift           {drift['message']}",
+    ]
+    for source, measures in drift["by_source"].items():
+        lines.append(f"    {source:<14}{measures['cells']} cells, {measures['share_far']:.0%} far, mean entropy "
+                     f"{measures['mean_entropy_bits'] or 0:.2f} bits, {measures['share_flagged']:.0%} flagged")
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """The steps of a build, as functions over explicit inputs and outputs, shared by build,
-rebuild (and the jobs that come after them). None of them edits a table it was given: each
+add and rebuild. None of them edits a table it was given: each
 returns what it made, and the job that calls it decides where the result goes.
 
     prepare_images     ingest + segment + crop + describe + hash, in worker processes
+    prepare_archived   the same for cells archived through the API (from their stored uploads)
+    with_archive       a build's cells with the API-archived cells joined, withdrawn ones left out
     relabel            the corrections log over the folder labels
     deduplicate        average hash, FAISS binary index, same-class groups
     assign_splits      train / validation for the backbone, duplicate groups kept together
@@ -10,7 +12,8 @@ returns what it made, and the job that calls it decides where the result goes.
     train_vae          the VAE over the tapped features (with the backbone: the Embedder)
     train_som          batch SOM, best node and distance per cell
     project            2-D UMAP
-    train_classifier   XGBoost on features + latent, out-of-fold predictions
+    train_classifier   XGBoost on features + latent, out-of-fold predictions, calibration
+    calibrate_novelty  the archive's own leave-one-out nearest-neighbour scores
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from atlas.archive import Archive, cell_row, save_crop
+from atlas.archive import prediction_columns as archive_prediction_columns
 from atlas.backbone import PRESETS, Backbone
 from atlas.catalog import Catalog
 from atlas.cell import SegmentationError
@@ -36,6 +41,7 @@ from atlas.features import FEATURE_NAMES
 from atlas.files import save_image_atomic
 from atlas.ingest import ImageReadError, ImageRecord, Rejection, content_hash, read_image_bytes
 from atlas.labels import corrected_labels
+from atlas.novelty import NoveltyScorer
 from atlas.prepare import prepare_cells
 from atlas.progress import progress
 from atlas.projection import umap_projection
@@ -119,6 +125,49 @@ def _prepare_file(job):
                **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
         out.append((row, model_input([cell.crop], input_size)[0]))
     return out
+
+
+def prepare_archived(archive: Archive, archived: list[dict], segmenter: Segmenter,
+                     config: BuildConfig) -> PreparedImages:
+    """Cells archived one at a time (rows of `Archive.fold_candidates`), prepared again from
+    their stored uploads by this job's segmenter at the job's scale, keeping their ids and
+    confirmed labels; an upload that no longer gives a cell is a rejection."""
+    input_size = PRESETS[config.preset].input_size
+    rows, crops, rejections = [], [], []
+    for entry in archived:
+        try:
+            prepared = archive.prepared_again(entry, segmenter, config.um_per_pixel)
+        except (OSError, ImageReadError, SegmentationError) as error:
+            rejections.append(Rejection(entry["image_path"], f"archived cell {entry['cell_id']}: {error}"))
+            continue
+        crop = save_crop(config.home, segmenter.name, entry["cell_id"], prepared)
+        row = cell_row(entry["cell_id"], prepared, str(Path(config.home) / entry["image_path"]),
+                       entry["cell"]["source_sha256"], entry["label"], crop)
+        rows.append({key: row[key] for key in row if key not in ("folder_label", "duplicate_group", "split")})
+        crops.append(model_input([prepared.crop], input_size)[0])
+    columns = None if rows else ["cell_id", "label", "source_sha256", "ahash", "fine_hash", "source_path"]
+    return PreparedImages(pd.DataFrame(rows, columns=columns),
+                          np.stack(crops) if crops else np.zeros((0, input_size, input_size, 3), np.uint8),
+                          rejections)
+
+
+def with_archive(prepared: PreparedImages, archive: Archive, segmenter: Segmenter, config: BuildConfig,
+                 archived: list[dict] | None = None) -> tuple[PreparedImages, dict]:
+    """A build's prepared images with the archive's events applied: cells archived one at a
+    time joined in (`archived`, default every one not withdrawn; those already among the images
+    skipped) and withdrawn cells left out. Returns them and the manifest's summary."""
+    withdrawn = archive.withdrawn()
+    if archived is None:
+        archived = [a for a in archive.catalog.archived_cells(pending_only=False) if a["cell_id"] not in withdrawn]
+    known = set(prepared.cells["cell_id"])
+    extra = prepare_archived(archive, [a for a in archived if a["cell_id"] not in known], segmenter, config)
+    cells = pd.concat([prepared.cells, extra.cells], ignore_index=True) if len(extra.cells) else prepared.cells
+    inputs = np.concatenate([prepared.model_inputs, extra.model_inputs])
+    keep = ~cells["cell_id"].isin(withdrawn).to_numpy()
+    summary = {"archived_cells_folded": [str(c) for c in extra.cells.get("cell_id", [])],
+               "withdrawn_left_out": int((~keep).sum())}
+    return PreparedImages(cells[keep].reset_index(drop=True), inputs[keep],
+                          prepared.rejections + extra.rejections), summary
 
 
 def count_reasons(rejections: list[Rejection]) -> dict[str, int]:
@@ -226,13 +275,14 @@ def project(latents: np.ndarray, seed: int) -> np.ndarray:
 def train_classifier(features: np.ndarray, latents: np.ndarray, labels: np.ndarray, split: np.ndarray,
                      classes: list[str], config: BuildConfig) -> tuple[CellClassifier, Predictions, dict]:
     """The classifier, every cell's prediction (out-of-fold for labelled cells: from a model
-    that did not see the cell; the final model's for unlabelled ones) and the manifest's
-    summary."""
+    that did not see the cell; the final model's for unlabelled ones; calibrated, with its
+    prediction set at `config.coverage`) and the manifest's summary."""
     x = classifier_input(features, latents)
     labelled = pd.notna(np.asarray(labels, dtype=object))
     class_index = {c: i for i, c in enumerate(classes)}
     y = np.array([class_index[v] for v in np.asarray(labels, dtype=object)[labelled]])
-    classifier = CellClassifier(flag_entropy=config.flag_entropy, seed=config.seed, threads=config.threads)
+    classifier = CellClassifier(flag_entropy=config.flag_entropy, seed=config.seed, threads=config.threads,
+                                coverage=config.coverage)
     classifier.fit(x[labelled], y, classes)
     proba = np.zeros((len(x), len(classes)))
     proba[labelled] = classifier.out_of_fold_proba_
@@ -247,10 +297,17 @@ def train_classifier(features: np.ndarray, latents: np.ndarray, labels: np.ndarr
         "out_of_fold_accuracy": float(correct.mean()),
         "out_of_fold_accuracy_val_split": float(correct[val].mean()) if val.any() else None,
         "share_flagged": float(predictions.flagged.mean()),
+        "flag": "prediction set of more or less than one class",
+        "calibration": classifier.calibration_.summary,
     }
+
+
+def calibrate_novelty(index, latents: np.ndarray, duplicate_groups) -> NoveltyScorer:
+    """The archive's own leave-one-out novelty scores (duplicate groups left out), against
+    which a query's novelty p-value is computed."""
+    return NoveltyScorer().fit(index, latents, duplicate_groups)
 
 
 def prediction_columns(predictions: Predictions) -> dict:
     """The cells table's columns for the predictions."""
-    return {"predicted_label": predictions.labels, "probabilities": list(predictions.probabilities.astype(np.float32)),
-            "entropy_bits": predictions.entropy_bits, "flagged": predictions.flagged}
+    return archive_prediction_columns(predictions)

@@ -43,3 +43,33 @@ def test_average_hash_is_stable_under_small_colour_change():
     crop = synthetic_cell("neutrophil", np.random.default_rng(0))
     brighter = np.clip(crop.astype(int) + 6, 0, 255).astype(np.uint8)
     assert bin(average_hash(crop) ^ average_hash(brighter)).count("1") <= 2
+
+
+def _planted_hashes(n: int, copies: int, seed: int) -> np.ndarray:
+    """n random 64-bit hashes, then `copies` of them again with 0 to 4 random bits flipped, and a
+    crowd of identical hashes (as round cells give) with a bit or two flipped."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    flipped = []
+    for h in hashes[rng.choice(n, copies, replace=False)]:
+        for bit in rng.choice(64, rng.integers(0, 5), replace=False):
+            h ^= np.uint64(1) << np.uint64(bit)
+        flipped.append(h)
+    crowd = [np.uint64(0xFFFFC3C3C3C3FFFF) ^ (np.uint64(1) << np.uint64(b)) for b in rng.integers(0, 64, 30)]
+    return np.array(list(hashes) + flipped + crowd, dtype=np.uint64)
+
+
+def _all_pairs(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int, int]]:
+    """The naive scan: every hash against every other, by numpy popcount."""
+    bits = np.unpackbits(hashes.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1).astype(np.int16)
+    distance = (bits[:, None, :] != bits[None, :, :]).sum(2)
+    i, j = np.nonzero(np.triu(distance <= max_bits, k=1))
+    return [(int(a), int(b), int(distance[a, b])) for a, b in zip(i, j)]
+
+
+def test_multi_index_hashing_finds_exactly_the_pairs_of_the_naive_scan():
+    hashes = _planted_hashes(600, 150, seed=4)
+    for max_bits in (0, 1, 2, 3, 4, 7, 9):
+        expected = _all_pairs(hashes, max_bits)
+        assert hamming_pairs(hashes, max_bits) == expected, max_bits
+    assert len(_all_pairs(hashes, 2)) > 100  # the planted copies and the crowd are there

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from minisom import MiniSom
 
-from atlas.som import BatchSOM, dominant_classes, grid_shape_for, neighbour_agreement
+from atlas.som import BatchSOM, dominant_classes, grid_shape_for, map_errors, neighbour_agreement
 
 
 @pytest.fixture
@@ -28,10 +28,62 @@ def test_errors_and_u_matrix_match_minisom(blobs):
     np.testing.assert_array_equal(som.winners(blobs), expected_winners)
 
 
+def test_map_errors_of_a_known_codebook():
+    """A 1x3 map with nodes at 0, 10 and 1: the sample at 0.4 is won by node 0 (0.4 away) with
+    node 2 second, two steps away on the map, a topographic error; 9 is won by node 1 (1 away)
+    with its neighbour node 2 second; 0 sits on node 0, again with node 2 second."""
+    weights = np.array([[[0.0], [10.0], [1.0]]], dtype=np.float32)
+    data = np.array([[0.4], [9.0], [0.0]], dtype=np.float32)
+    quantization, topographic = map_errors(weights, data)
+    assert quantization == pytest.approx((0.4 + 1.0 + 0.0) / 3, rel=1e-6)
+    assert topographic == pytest.approx(2 / 3)
+    reference = _minisom_with(weights)
+    assert quantization == pytest.approx(reference.quantization_error(data), rel=1e-6)
+    assert topographic == pytest.approx(reference.topographic_error(data))
+
+
+def test_map_errors_match_minisom_on_any_codebook(blobs):
+    weights = np.random.default_rng(5).normal(0, 3, (7, 4, blobs.shape[1])).astype(np.float32)
+    reference = _minisom_with(weights)
+    quantization, topographic = map_errors(weights, blobs)
+    assert quantization == pytest.approx(reference.quantization_error(blobs), rel=1e-5)
+    assert topographic == pytest.approx(reference.topographic_error(blobs))
+
+
+def test_pca_initialisation_spreads_the_map_over_the_principal_plane():
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(2000, 5)) * [5, 2, 0.1, 0.1, 0.1]).astype(np.float32)
+    som = BatchSOM(10, 6, standardise=False)
+    codebook = som.initial_codebook(data)
+    assert codebook.shape == (10, 6, 5)
+    # the first principal axis (dimension 0) runs along the longer side, two standard deviations out
+    assert codebook[-1, 0, 0] - codebook[0, 0, 0] == pytest.approx(4 * 5, rel=0.1)
+    assert abs(codebook[0, -1, 1] - codebook[0, 0, 1]) == pytest.approx(4 * 2, rel=0.1)
+    assert np.abs(codebook[..., 2:]).max() < 0.5
+    trained = BatchSOM(10, 6, epochs=0, standardise=False).fit(data)
+    assert trained.topographic_error_ < 0.05  # ordered before any training
+
+
+def test_radius_schedule_runs_from_start_to_end():
+    for decay in ("exponential", "linear"):
+        som = BatchSOM(20, 10, epochs=5, sigma_start=8.0, sigma_end=0.5, decay=decay)
+        assert som.sigma_at(0) == pytest.approx(8.0) and som.sigma_at(4) == pytest.approx(0.5)
+    # by default sigma starts at half the longer side; after a PCA start at 1/8, but from 10 nodes
+    assert BatchSOM(20, 10, epochs=3, decay="linear").sigma_at(1) == pytest.approx((10 + 0.5) / 2)
+    assert BatchSOM(240, 10, epochs=3, decay="linear").sigma_at(1) == pytest.approx((30 + 0.5) / 2)
+    random_start = BatchSOM(20, 10, epochs=3, decay="linear", initialisation="random")
+    assert random_start.sigma_at(1) == pytest.approx((10 + 0.5) / 2)
+    with pytest.raises(ValueError, match="decay"):
+        BatchSOM(3, 3, decay="cosine")
+    with pytest.raises(ValueError, match="initialisation"):
+        BatchSOM(3, 3, initialisation="kmeans")
+
+
 def test_training_orders_the_map_and_lowers_quantization_error(blobs):
-    random_init = BatchSOM(6, 6, epochs=0, seed=0).fit(blobs)
-    no_shrink = BatchSOM(6, 6, epochs=20, sigma_start=4.0, sigma_end=4.0, seed=0).fit(blobs)
-    trained = BatchSOM(6, 6, epochs=20, seed=0).fit(blobs)
+    random_init = BatchSOM(6, 6, epochs=0, seed=0, initialisation="random").fit(blobs)
+    no_shrink = BatchSOM(6, 6, epochs=20, sigma_start=4.0, sigma_end=4.0, seed=0,
+                         initialisation="random").fit(blobs)
+    trained = BatchSOM(6, 6, epochs=20, seed=0, initialisation="random").fit(blobs)
     assert trained.topographic_error_ < random_init.topographic_error_  # neighbours became similar
     assert trained.topographic_error_ < 0.2
     assert trained.quantization_error_ < no_shrink.quantization_error_  # shrinking radius fits data

@@ -31,7 +31,7 @@ def test_a_version_holds_every_file_its_owner_names_with_relative_paths(built_at
     files = AtlasStore(home).version(result.version)
     for name in (files_of.MANIFEST, files_of.CELLS, files_of.LATENTS, files_of.INDEX, files_of.SOM,
                  files_of.FEATURE_RANGES, files_of.REJECTIONS, files_of.BACKBONE, files_of.VAE_WEIGHTS,
-                 files_of.CLASSIFIER):
+                 files_of.CLASSIFIER, files_of.NOVELTY):
         assert files.path(name).is_file(), name
     stored = pd.read_parquet(files.path(files_of.CELLS))
     assert all(not Path(p).is_absolute() and p.startswith("crops/") for p in stored["crop_path"])

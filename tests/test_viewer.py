@@ -215,6 +215,9 @@ def test_map_node_gallery_opens_a_cell_with_8_reference_cells(page: Page, base_u
     detail = api.get(f"/v1/cells/{cell_id}").json()
     expect(page.locator("#predicted-label")).to_have_text(detail["predicted_label"])
     expect(page.locator(".prediction-panel .flag")).to_contain_text("Uncertain" if detail["flagged"] else "Confident")
+    if expected["prediction"].get("prediction_set") is not None:  # shown where the entropy was
+        expect(page.locator(".prediction-panel .prediction-set")).to_have_text(
+            "{" + ", ".join(expected["prediction"]["prediction_set"]) + "}")
     expect(page.locator(".distribution-panel table.bars tr")).not_to_have_count(0)
     first_feature = page.locator(".features-panel table.features tbody tr").first
     expect(first_feature).to_be_visible()

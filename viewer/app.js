@@ -137,6 +137,7 @@ function setAtlas(atlas) {
     el("span", {}, plural(atlas.classes.length, "class", "classes")),
     el("span", { id: "corrected-count" }, `${atlas.corrected_cells.toLocaleString()} corrected`),
     el("span", {}, `SOM ${atlas.som.rows}×${atlas.som.cols}`));
+  if (!previous || previous.version !== atlas.version) showDrift();
   if (previous && previous.version !== atlas.version) {
     showBanner(`Atlas version ${atlas.version} is now live; the map and the projection show it.`, "done");
     app.pages.map.invalidate();
@@ -150,6 +151,19 @@ async function refreshAtlas() {
     setAtlas(await getJSON("/v1/atlas"));
   } catch {
     // keep showing what we have; the next poll tries again
+  }
+}
+
+/** GET /v1/atlas/drift: a warning under the header while the cells added last drift from the
+ * archive the models were trained on (the message says why and to retrain). */
+async function showDrift() {
+  const banner = $("drift-banner");
+  try {
+    const drift = await getJSON("/v1/atlas/drift");
+    fill(banner, el("strong", {}, "Drift: "), el("span", {}, drift.message));
+    banner.hidden = !drift.drift;
+  } catch {
+    banner.hidden = true; // an API without the route, or a key that may not read it
   }
 }
 

@@ -50,8 +50,7 @@ export class ReviewView {
       if (generation !== this.generation) return;
       this.subject.detail = detail;
       this.renderGrid(references, detail);
-      this.renderPrediction({ label: detail.predicted_label, probabilities: detail.probabilities,
-                              entropy_bits: detail.entropy_bits, flagged: detail.flagged });
+      this.renderPrediction(references.prediction, references.novelty); // the stored prediction, with its set
       this.renderDistribution(references.label_distribution);
       this.renderCorrection(detail);
       this.loadOutline(generation, () => fetchBlob(detail.image_url));
@@ -70,7 +69,7 @@ export class ReviewView {
       const references = await this.fetchReferences();
       if (generation !== this.generation) return;
       this.renderGrid(references, null);
-      this.renderPrediction(references.prediction);
+      this.renderPrediction(references.prediction, references.novelty);
       this.renderDistribution(references.label_distribution);
       this.correctionPanel.replaceChildren(el("h3", {}, "Label"),
         el("p", { class: "muted" }, "An uploaded image is not in the archive, so it has no label to correct."));
@@ -200,19 +199,40 @@ export class ReviewView {
   }
 
   // -- prediction and neighbours ---------------------------------------------------------------
-  renderPrediction(prediction) {
+  /** The predicted class, its prediction set (or, for atlases built before sets, the entropy
+   *  against the threshold) and, when the archive holds nothing close, the novelty message. */
+  renderPrediction(prediction, novelty) {
     const classes = this.app.atlas.classes;
     const threshold = this.app.atlas.flag_threshold_bits;
-    const flag = prediction.flagged
-      ? el("p", { class: "flag uncertain", role: "status" },
-          el("strong", {}, "⚠ Uncertain"),
-          ` entropy ${number(prediction.entropy_bits)} bits, above the ${number(threshold)}-bit threshold: a person should decide.`)
-      : el("p", { class: "flag confident" },
-          el("strong", {}, "✓ Confident"), ` entropy ${number(prediction.entropy_bits)} bits (threshold ${number(threshold)}).`);
+    const entropy = `entropy ${number(prediction.entropy_bits)} bits`;
+    const set = prediction.prediction_set;
+    const percent = set ? `${Math.round(prediction.coverage * 1000) / 10}%` : "";
+    let flag;
+    if (set && set.length === 0) {
+      flag = el("p", { class: "flag uncertain", role: "status" }, el("strong", {}, "⚠ Uncertain"),
+        ` no class fits this cell at ${percent} (${entropy}): a person should decide.`);
+    } else if (set) {
+      flag = el("p", { class: `flag ${prediction.flagged ? "uncertain" : "confident"}`, role: prediction.flagged ? "status" : null },
+        el("strong", {}, prediction.flagged ? "⚠ Uncertain" : "✓ Confident"),
+        ` prediction set at ${percent}: `, el("span", { class: "prediction-set" }, `{${set.join(", ")}}`),
+        prediction.flagged ? ` — more than one class fits (${entropy}): a person should decide.` : ` (${entropy}).`);
+    } else {
+      flag = prediction.flagged
+        ? el("p", { class: "flag uncertain", role: "status" },
+            el("strong", {}, "⚠ Uncertain"),
+            ` ${entropy}, above the ${number(threshold)}-bit threshold: a person should decide.`)
+        : el("p", { class: "flag confident" },
+            el("strong", {}, "✓ Confident"), ` ${entropy} (threshold ${number(threshold)}).`);
+    }
+    const novel = novelty && novelty.novel
+      ? el("p", { class: "novelty", role: "status" }, el("strong", {}, "⚠ Novel:"),
+          ` ${novelty.message} (p = ${novelty.p_value.toPrecision(2)}).`)
+      : null;
     this.predictionPanel.replaceChildren(
       el("h3", {}, "Predicted class: ", el("span", { class: "predicted", id: this.queueMode ? null : "predicted-label" },
         swatch(classColour(classes, prediction.label)), prediction.label)),
       flag,
+      novel,
       barChart(prediction.probabilities, classes, { highlight: prediction.label, caption: "Class probabilities" }));
   }
 

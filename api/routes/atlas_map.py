@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 
 from api import schemas
 from api.deps import State, View
-from api.views import atlas_summary, u_matrix_png, versions
+from api.views import atlas_summary, drift_report, u_matrix_png, versions
 
 router = APIRouter(tags=["atlas"])
 
@@ -17,6 +17,12 @@ router = APIRouter(tags=["atlas"])
 @router.get("/atlas", response_model=schemas.AtlasSummary, summary="The live atlas version")
 def get_atlas(view: View) -> schemas.AtlasSummary:
     return atlas_summary(view)
+
+
+@router.get("/atlas/drift", response_model=schemas.DriftReport,
+            summary="How the latest added cells sit against the archive; drift says: retrain")
+def get_drift(view: View) -> schemas.DriftReport:
+    return drift_report(view)
 
 
 @router.get("/atlas/u-matrix", response_model=schemas.UMatrix, summary="SOM U-matrix as numbers")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import JSONResponse
 
 from api import schemas
 from api.deps import Admin, State
+from api.idempotency import IDEMPOTENT_RESPONSES, IdempotencyKey, idempotent
 
 router = APIRouter(tags=["rebuilds"])
 
@@ -18,11 +20,17 @@ def _job(job: dict) -> schemas.RebuildJob:
 
 @router.post("/rebuilds", response_model=schemas.RebuildJob, status_code=status.HTTP_202_ACCEPTED,
              summary="Start a rebuild with the current corrections (admin)",
+             description="With an Idempotency-Key, a retry answers the job the first request "
+                         "started instead of starting another. The key is recorded once the "
+                         "rebuild process has started: a server killed in between forgets it.",
              responses={409: {"model": schemas.Problem, "description": "a rebuild is already running"},
-                        413: {"model": schemas.Problem}})
-def start_rebuild(state: State, admin: Admin, body: schemas.RebuildRequest | None = None) -> schemas.RebuildJob:
+                        413: {"model": schemas.Problem}, **IDEMPOTENT_RESPONSES})
+def start_rebuild(state: State, admin: Admin, request: Request,
+                  body: schemas.RebuildRequest | None = None,
+                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
     body = body or schemas.RebuildRequest()
-    return _job(state.rebuilds.start(retrain_backbone=body.retrain_backbone))
+    return idempotent(state.catalog, admin.name, idempotency_key, request, body, lambda db: (
+        status.HTTP_202_ACCEPTED, _job(state.rebuilds.start(retrain_backbone=body.retrain_backbone))))
 
 
 @router.get("/rebuilds", response_model=schemas.RebuildJobs, summary="Recent rebuilds, newest first")

@@ -2,8 +2,8 @@
 
 One module per group of commands: `atlas_commands` (build,
 rebuild, query, evaluate, split, demo), `service_commands` (serve, keys), `segmentation_commands`
-(segment, segmenter train/evaluate), `archive_commands` (export); what they print for a person
-is in `indexer.report`.
+(segment, segmenter train/evaluate), `archive_commands` (export), `bench_commands` (bench);
+what they print for a person is in `indexer.report`.
 
 Every command fails with a one-line message and a non-zero exit on bad input, never with a
 traceback (set CELLATLAS_DEBUG=1 to see one).
@@ -17,10 +17,17 @@ import signal
 import sys
 import threading
 
-from indexer.cli import archive_commands, atlas_commands, segmentation_commands, service_commands
+from indexer.cli import (
+    archive_commands,
+    atlas_commands,
+    bench_commands,
+    segmentation_commands,
+    service_commands,
+)
 from indexer.cli.args import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
-COMMAND_GROUPS = (atlas_commands, service_commands, segmentation_commands, archive_commands)
+COMMAND_GROUPS = (atlas_commands, service_commands, segmentation_commands, archive_commands,
+                  bench_commands)
 
 
 def main(argv: list[str] | None = None) -> int:

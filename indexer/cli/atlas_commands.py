@@ -1,4 +1,4 @@
-"""`cellatlas build | rebuild | query | evaluate | split | demo`: make, rebuild, ask and measure
+"""`cellatlas build | rebuild | query | evaluate | evaluate-novelty | split | demo`: make, rebuild, ask and measure
 an atlas."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ SCALE_HELP = "the images' scale (default: the atlas's); they are resampled to th
 
 def add_commands(sub) -> None:
     from atlas.backbone import PRESETS
+    from atlas.calibration import DEFAULT_COVERAGE
     from atlas.classifier import DEFAULT_FLAG_BITS
     from atlas.reference import METHODS
 
@@ -27,7 +28,11 @@ def add_commands(sub) -> None:
     p.add_argument("--som-shape", help="SOM grid as ROWSxCOLS (default: from the archive size)")
     p.add_argument("--som-epochs", type=positive_int, default=30)
     p.add_argument("--flag-entropy", default=str(DEFAULT_FLAG_BITS),
-                   help="entropy (bits) above which a prediction is flagged, or 'auto' (default 1.3)")
+                   help="entropy (bits) above which a prediction is flagged when the classifier has no "
+                        "prediction sets (atlases built before them), or 'auto' (default 1.3)")
+    p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
+                   help="prediction sets hold the true class this often (default 0.99); a cell is flagged "
+                        "when its set holds more than one class or none")
     p.add_argument("--um-per-pixel", type=positive_float, default=0.1, help="image scale (default 0.1)")
     p.add_argument("--segmenter", metavar="MODEL",
                    help="a trained segmenter folder (cellatlas segmenter train); default: classical thresholds")
@@ -49,6 +54,18 @@ def add_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
     p.set_defaults(run=cmd_rebuild)
 
+    p = sub.add_parser("add", help="add new images to the live atlas with its frozen models (a new version, "
+                                   "no training)")
+    p.add_argument("--home", required=True, help="ATLAS_HOME whose live version is extended")
+    p.add_argument("--images", required=True, help="folder of new images (flat, or one sub-folder per class)")
+    p.add_argument("--label-from-folders", action="store_true",
+                   help="label each image by its sub-folder (a class of the atlas); default: unlabelled, "
+                        "for the review queue")
+    p.add_argument("--um-per-pixel", type=positive_float, help=SCALE_HELP)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    p.set_defaults(run=cmd_add)
+
     p = sub.add_parser("query", help="reference cells and prediction for one image "
                                      "(labels with the catalogue's corrections)")
     p.add_argument("image")
@@ -69,6 +86,20 @@ def add_commands(sub) -> None:
     p.add_argument("--um-per-pixel", type=float, help=SCALE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress; print only the report")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("evaluate-novelty",
+                       help="leave one class out: build without it, then measure how well novelty finds it")
+    p.add_argument("--images", required=True, help="training folder, one sub-folder per class")
+    p.add_argument("--test", required=True, help="held-out folder with the same classes")
+    p.add_argument("--leave-out", required=True, metavar="CLASS", help="the class the atlas is built without")
+    p.add_argument("--home", required=True, help="a new ATLAS_HOME for the atlas built without the class")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="backbone size (default: cpu)")
+    p.add_argument("--epochs", type=positive_int, help="backbone epochs (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the report")
+    p.set_defaults(run=cmd_evaluate_novelty)
 
     p = sub.add_parser("split", help="stratified train/test split of a class folder, as symlinks")
     p.add_argument("--images", required=True)
@@ -92,6 +123,7 @@ def cmd_build(args) -> int:
         images=Path(args.images), home=Path(args.home), preset=args.preset, epochs=args.epochs,
         latent_dim=args.latent_dim, som_shape=som_shape(args.som_shape), som_epochs=args.som_epochs,
         flag_entropy=args.flag_entropy if args.flag_entropy == "auto" else float(args.flag_entropy),
+        coverage=args.coverage,
         um_per_pixel=args.um_per_pixel, segmenter=args.segmenter, seed=args.seed, device=args.device,
         pretrained=args.pretrained, progress=not args.quiet,
         **({"threads": args.threads} if args.threads else {}),
@@ -108,6 +140,16 @@ def cmd_rebuild(args) -> int:
     version = rebuild(Path(args.home), retrain_backbone=args.retrain_backbone, progress=not args.quiet,
                       threads=args.threads, job_id=args.job_id, lock_fd=args.lock_fd)
     print(version)
+    return 0
+
+
+def cmd_add(args) -> int:
+    from indexer.add import add
+
+    result = add(Path(args.home), Path(args.images), label_from_folders=args.label_from_folders,
+                 um_per_pixel=args.um_per_pixel, threads=args.threads, progress=not args.quiet)
+    if args.quiet:
+        print(result.version)
     return 0
 
 
@@ -131,6 +173,21 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate(Path(args.home), Path(args.images), rotmes_per_class=args.rotation_per_class,
                       seed=args.seed, progress=not args.quiet, um_per_pixel=args.um_per_pixel)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_evaluate_novelty(args) -> int:
+    from indexer.config import BuildConfig
+    from indexer.evaluate import evaluate_novelty
+
+    config = BuildConfig(images=Path(args.images), home=Path(args.home), preset=args.preset, epochs=args.epochs,
+                         seed=args.seed, progress=not args.quiet,
+                         **({"threads": args.threads} if args.threads else {}))
+    result = evaluate_novelty(config, Path(args.test), args.leave_out, progress=not args.quiet)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
