@@ -18,10 +18,11 @@ from atlas.catalog import Catalog
 from atlas.store import AtlasStore
 
 REBUILD = "rebuild"  # the jobs table's kind for rebuilds
+ADD = "add"  # ... and for additions (`cellatlas add`), which take the same lock
 
 
-def new_job_id() -> str:
-    return f"{REBUILD}-{uuid.uuid4().hex[:12]}"
+def new_job_id(kind: str = REBUILD) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:12]}"
 
 
 class RebuildRunning(RuntimeError):
@@ -87,15 +88,15 @@ class RebuildLock:
 
 def settle_abandoned_rebuilds(home: Path | str, lock: RebuildLock | None = None,
                               holder_job: str | None = None) -> list[str]:
-    """Give a final state to rebuild jobs still marked running whose process is gone (killed,
-    crashed, machine restarted); returns their ids. A caller holding the lock (`lock`) knows
+    """Give a final state to rebuild and add jobs (they share the lock) still marked running
+    whose process is gone (killed, crashed, machine restarted); returns their ids. A caller holding the lock (`lock`) knows
     every running rebuild but its own (`holder_job`) is dead; without the lock nothing is
     settled while some rebuild holds it."""
     if lock is None and RebuildLock.is_held(home):
         return []
     catalog, store = Catalog(home), AtlasStore(home)
-    abandoned = [job["job_id"] for job in catalog.jobs(kind=REBUILD, state="running", limit=1000)
-                 if job["job_id"] != holder_job]
+    abandoned = [job["job_id"] for kind in (REBUILD, ADD)
+                 for job in catalog.jobs(kind=kind, state="running", limit=1000) if job["job_id"] != holder_job]
     if not abandoned:
         return []
     published, live = _published_by_job(store), store.current_version()
@@ -105,12 +106,12 @@ def settle_abandoned_rebuilds(home: Path | str, lock: RebuildLock | None = None,
             catalog.update_job(job_id, state="succeeded", version=version)
         elif version is not None:
             catalog.update_job(job_id, state="failed", version=version, message=(
-                f"the rebuild process stopped after writing version {version} but before making it "
-                "live; the live version is unchanged and no correction was lost: start another rebuild"))
+                f"the process ({job_id.split('-')[0]}) stopped after writing version {version} but before making it "
+                "live; the live version is unchanged and no correction was lost: run it again"))
         else:
             catalog.update_job(job_id, state="failed", message=(
-                "the rebuild process stopped before it finished (killed or crashed); nothing was "
-                "published and no correction was lost: start another rebuild"))
+                f"the {job_id.split('-')[0]} process stopped before it finished (killed or crashed); "
+                "nothing was published and no correction was lost: run it again"))
     return abandoned
 
 

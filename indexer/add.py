@@ -17,7 +17,6 @@ archive (`atlas.drift`): when they drift, retrain with `cellatlas rebuild --retr
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from atlas.catalog import Catalog
 from atlas.drift import archive_far_distance, drift_report
 from atlas.embedder import Embedder
 from atlas.ingest import ImageRecord, list_images
-from atlas.jobs import RebuildLock, RebuildRunning
+from atlas.jobs import ADD, RebuildLock, RebuildRunning, new_job_id, settle_abandoned_rebuilds
 from atlas.progress import Say, Timings
 from atlas.runtime import default_threads
 from atlas.scale import check_um_per_pixel
@@ -45,7 +44,6 @@ from indexer.config import BuildError, parent_config
 from indexer.report import add_summary
 
 STAGING_TAG = "add"
-JOB_KIND = "add"
 # What an add carries over from its parent unchanged: the frozen models and the map.
 FROZEN = (SOM, REJECTIONS, BACKBONE, VAE_WEIGHTS, CLASSIFIER, f"{CLASSIFIER}.classes.json")
 
@@ -105,6 +103,7 @@ def add(home: Path | str, images: Path | str, label_from_folders: bool = False, 
     except RebuildRunning:
         raise RebuildRunning(f"another add or rebuild of {home} is running; try again when it has finished") from None
     try:
+        settle_abandoned_rebuilds(home, lock=lock)  # holding the lock: a rebuild or add still "running" is dead
         return _add(home, store, parent, parent_files, records, images, label_from_folders, config, atlas_config,
                     segmenter, atlas_segmenter, threads, progress)
     finally:
@@ -116,9 +115,9 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
     torch.set_num_threads(threads)
     say = Say(progress)
     timings = Timings(say)
-    job_id = f"{JOB_KIND}-{uuid.uuid4().hex[:12]}"
+    job_id = new_job_id(ADD)
     catalog = Catalog(home)
-    catalog.start_job(job_id, JOB_KIND)
+    catalog.start_job(job_id, ADD)
     archive = Archive(home, catalog)
     staging = None
     started = time.perf_counter()

@@ -268,3 +268,21 @@ def test_retrain_backbone_rebuilds_on_everything_archived(added, tmp_path):
     assert files.path("models/backbone.pt").read_bytes() != store.version(atlas.version).path(
         "models/backbone.pt").read_bytes()
     assert catalog.archived_cells(pending_only=False)[0]["folded_into_version"] == version
+
+
+def test_an_add_killed_earlier_is_settled_by_the_next_one(added, tmp_path):
+    """A job row left 'running' by a killed add (its process gone, the lock free) is given a final
+    state by the next add, which holds the lock; the live version is untouched by the dead one."""
+    home, _, _ = added
+    home = home_copy(home, tmp_path)
+    catalog = Catalog(home)
+    catalog.start_job("add-deadbeef0000", "add")
+    live = AtlasStore(home).current_version()
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(synthetic_cell("lymphocyte", np.random.default_rng(909))).save(folder / "fresh.png")
+    result = add(home, folder, threads=1, progress=False)
+    dead = [job for job in catalog.jobs(kind="add", limit=10) if job["job_id"] == "add-deadbeef0000"][0]
+    assert dead["state"] == "failed" and "stopped before it finished" in dead["message"]
+    assert result.version != live
+    assert [job["state"] for job in catalog.jobs(kind="add", state="running")] == []
