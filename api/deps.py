@@ -75,6 +75,30 @@ class LiveAtlas:
             self._loading.release()
 
 
+class CatalogReading:
+    """A value read from the catalogue (`read()`), read again at most once per `refresh_s`
+    (changes made by other processes show within that time); `changed()` makes the next `get()`
+    read it again (a change made in this process shows at once)."""
+
+    def __init__(self, read, refresh_s: float = 1.0):
+        self.read = read
+        self.refresh_s = refresh_s
+        self._value = None
+        self._next_refresh = 0.0
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if time.monotonic() >= self._next_refresh:
+                self._value = self.read()
+                self._next_refresh = time.monotonic() + self.refresh_s
+            return self._value
+
+    def changed(self) -> None:
+        with self._lock:
+            self._next_refresh = 0.0
+
+
 class CorrectionLog:
     """The catalogue's append-only corrections, as the API reads them: the effective labels are
     cached for `refresh_s` (corrections made by other processes show within that time); a
@@ -82,19 +106,11 @@ class CorrectionLog:
 
     def __init__(self, catalog: Catalog, refresh_s: float = 1.0):
         self.catalog = catalog
-        self.refresh_s = refresh_s
-        self._labels: dict[str, str] = {}
-        self._stamp = -1
-        self._next_refresh = 0.0
-        self._lock = threading.Lock()
+        self._labels = CatalogReading(catalog.effective_labels, refresh_s)
 
     def effective_labels(self) -> tuple[int, dict[str, str]]:
         """(the latest correction_id, {cell_id: latest new_label})."""
-        with self._lock:
-            if time.monotonic() >= self._next_refresh:
-                self._stamp, self._labels = self.catalog.effective_labels()
-                self._next_refresh = time.monotonic() + self.refresh_s
-            return self._stamp, self._labels
+        return self._labels.get()
 
     def add(self, cell_id: str, old_label: str | None, new_label: str, note: str | None,
             author: str, atlas_version: str, db=None) -> schemas.Correction:
@@ -108,8 +124,7 @@ class CorrectionLog:
 
     def changed(self) -> None:
         """The next read sees corrections committed until now."""
-        with self._lock:
-            self._next_refresh = 0.0
+        self._labels.changed()
 
     def page(self, cell_id: str | None, author: str | None, limit: int, cursor: int | None) -> schemas.CorrectionPage:
         """Newest first; `cursor` is the last correction_id of the previous page."""
@@ -126,20 +141,16 @@ class ArchiveLayer:
 
     def __init__(self, archive: Archive, refresh_s: float = 1.0):
         self.archive = archive
-        self.refresh_s = refresh_s
-        self._stamp: tuple | None = None
-        self._next_refresh = 0.0
+        self._stamp = CatalogReading(archive.catalog.archive_stamp, refresh_s)
         self._amended: tuple[LoadedAtlas, tuple, LoadedAtlas] | None = None
         self._lock = threading.Lock()
 
     def applied_to(self, atlas: LoadedAtlas) -> LoadedAtlas:
+        stamp = self._stamp.get()
         with self._lock:
-            if time.monotonic() >= self._next_refresh:
-                self._stamp = self.archive.catalog.archive_stamp()
-                self._next_refresh = time.monotonic() + self.refresh_s
             cached = self._amended
-            if cached is None or cached[0] is not atlas or cached[1] != self._stamp:
-                cached = self._amended = (atlas, self._stamp, self.archive.applied_to(atlas))
+            if cached is None or cached[0] is not atlas or cached[1] != stamp:
+                cached = self._amended = (atlas, stamp, self.archive.applied_to(atlas))
             return cached[2]
 
     def describe(self, view: AtlasView, upload: UploadedImage, label: str) -> DescribedUpload:
@@ -176,8 +187,7 @@ class ArchiveLayer:
 
     def changed(self) -> None:
         """The next view reads the catalogue's archive state again."""
-        with self._lock:
-            self._next_refresh = 0.0
+        self._stamp.changed()
 
 
 class ApiState:

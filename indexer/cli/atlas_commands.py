@@ -173,9 +173,14 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate(Path(args.home), Path(args.images), rotmes_per_class=args.rotation_per_class,
                       seed=args.seed, progress=not args.quiet, um_per_pixel=args.um_per_pixel)
+    return _print_json(result, args.out)
+
+
+def _print_json(result: dict, out: str | None) -> int:
+    """Print an evaluation's JSON report, and write it to `out` too when given."""
     text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     print(text)
     return 0
 
@@ -188,11 +193,7 @@ def cmd_evaluate_novelty(args) -> int:
                          seed=args.seed, progress=not args.quiet,
                          **({"threads": args.threads} if args.threads else {}))
     result = evaluate_novelty(config, Path(args.test), args.leave_out, progress=not args.quiet)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
-    return 0
+    return _print_json(result, args.out)
 
 
 def cmd_split(args) -> int:
