@@ -6,7 +6,9 @@ COPY atlas atlas
 COPY indexer indexer
 COPY api api
 COPY viewer viewer
-RUN pip install --no-cache-dir -e .
+# EXTRAS="[ray]" for the images of a Ray cluster (docker-compose.yml, profile "ray")
+ARG EXTRAS=""
+RUN pip install --no-cache-dir -e ".${EXTRAS}"
 ENV ATLAS_HOME=/data/atlas
 EXPOSE 8000
 CMD ["sh", "-c", "cellatlas serve --home $ATLAS_HOME --host 0.0.0.0 --port 8000"]

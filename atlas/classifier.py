@@ -4,9 +4,11 @@ Input is the cell's features (morphology + colour) next to its latent embedding
 (`classifier_input`, the one place the two are joined). The entropy of the predicted
 distribution, in bits, says how unsure the prediction is (0 = certain, log2(classes) =
 uniform). What a person relies on is the prediction set (`atlas.calibration`): the classes
-that cannot be ruled out at the classifier's coverage (default 99%), calibrated class by class
-on the out-of-fold predictions of the training cells, which also fix a temperature for the
-probabilities. A cell is flagged when its set holds more than one class, or none.
+that cannot be ruled out at the classifier's coverage, calibrated class by class on the
+out-of-fold predictions of the training cells, which also fix a temperature for the
+probabilities. The default coverage is "auto": the lowest level from 99% up whose out-of-fold
+sets flag most of the misclassified cells (`atlas.calibration.choose_coverage`), so never
+below 99%. A cell is flagged when its set holds more than one class, or none.
 
 Classifiers saved before calibration (no "calibration" in their sidecar) still load: their
 probabilities are reported as they are, without prediction sets, and they flag by the entropy
@@ -23,7 +25,7 @@ import numpy as np
 import xgboost as xgb
 from sklearn.model_selection import StratifiedKFold
 
-from atlas.calibration import DEFAULT_COVERAGE, Calibration
+from atlas.calibration import AUTO, DEFAULT_COVERAGE, Calibration
 
 DEFAULT_FLAG_BITS = 1.3
 
@@ -81,12 +83,13 @@ class CellClassifier:
     """scikit-learn style: hyper-parameters in `__init__`; `fit(X, y, classes)` sets
     `model_`, `classes_`, `out_of_fold_proba_` (honest probabilities for the training cells
     themselves, each from a model that did not see it), `calibration_` (temperature and
-    conformal sets at `coverage`, from those), `flag_bits_` and `flag_choice_`;
+    conformal sets at `coverage`, a level or "auto", from those; `calibration_.coverage` is the
+    level used), `flag_bits_` and `flag_choice_`;
     `predict_proba(X)` (raw), `predict(X)` and `predictions(proba)` (calibrated) use them."""
 
     def __init__(self, n_estimators: int = 300, max_depth: int = 4, learning_rate: float = 0.1,
                  flag_entropy: float | str = DEFAULT_FLAG_BITS, seed: int = 0, threads: int = 2,
-                 coverage: float = DEFAULT_COVERAGE):
+                 coverage: float | str = DEFAULT_COVERAGE):
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -125,7 +128,7 @@ class CellClassifier:
         """Label, probabilities, entropy and flag of every row of `features`."""
         return self.predictions(self.predict_proba(features))
 
-    def predictions(self, probabilities: np.ndarray, coverage: float | None = None) -> Predictions:
+    def predictions(self, probabilities: np.ndarray, coverage: float | str | None = None) -> Predictions:
         """Label, calibrated probabilities, entropy, prediction set (at `coverage`; default the
         classifier's) and flag from raw probabilities this classifier (or its folds) gave."""
         probabilities = np.atleast_2d(np.asarray(probabilities, dtype=np.float64))
@@ -134,7 +137,7 @@ class CellClassifier:
         if calibration is not None:
             probabilities = calibration.probabilities(probabilities)
             sets = calibration.prediction_sets(probabilities, coverage)
-            coverage = calibration.coverage if coverage is None else coverage
+            coverage = calibration.coverage if coverage in (None, AUTO) else float(coverage)
         entropy = entropy_bits(probabilities)
         flagged = entropy > self.flag_bits_ if sets is None else sets.sum(1) != 1
         return Predictions(classes=self.classes_, labels=np.array(self.classes_, dtype=object)[probabilities.argmax(1)],

@@ -36,6 +36,7 @@ class ImageReadError(ValueError):
 class ImageRecord:
     path: Path
     label: str | None
+    um_per_pixel: float | None = None  # the image's scale; None: the job's (the atlas's)
 
 
 @dataclass

@@ -38,14 +38,16 @@ def review_order(cell_ids, entropy_bits, corrected, among: np.ndarray | None = N
     return positions[np.lexsort((ids, -entropy))]
 
 
-def latent_neighbours(index, latents: np.ndarray, duplicate_groups, k: int) -> np.ndarray:
+def latent_neighbours(index, latents: np.ndarray, duplicate_groups, k: int, rows=None) -> np.ndarray:
     """(n, k) positions of each archived cell's k nearest cells in the latent space, nearest
     first, leaving out the cell itself and its duplicate group (as `reference_cells` does);
-    -1 where the archive has fewer. `index` searches `latents` (a `LatentIndex`)."""
+    -1 where the archive has fewer. `index` searches `latents` (a `LatentIndex`). `rows`: only
+    those cells' neighbours (default every cell's)."""
     groups = np.asarray(duplicate_groups, dtype=object)
+    rows = np.arange(len(latents)) if rows is None else np.asarray(rows)
     largest_group = max(Counter(groups.tolist()).values(), default=1)
-    _, found = index.search(latents, k + largest_group)
-    same = (found < 0) | (groups[found.clip(0)] == groups[:, None])
+    _, found = index.search(latents[rows], k + largest_group)
+    same = (found < 0) | (groups[found.clip(0)] == groups[rows][:, None])
     order = np.argsort(same, axis=1, kind="stable")[:, :k]  # other cells first, nearest first
     picked = np.take_along_axis(found, order, 1)
     picked[np.take_along_axis(same, order, 1)] = -1

@@ -213,11 +213,13 @@ class LoadedAtlas:
         total = sum(weights.values()) or 1.0
         return {label: w / total for label, w in sorted(weights.items(), key=lambda kv: -kv[1])}
 
-    def novelty(self, latent: np.ndarray, exclude: set[int] = frozenset()) -> Novelty | None:
-        """How unlike the archive (its cells outside `exclude`) one latent is; None for a version
+    def novelty(self, latent: np.ndarray, exclude: set[int] = frozenset(),
+                entropy_bits: float | None = None) -> Novelty | None:
+        """How unlike the archive (its cells outside `exclude`) one latent is, with the
+        classifier's entropy on the cell where the scorer combines the two; None for a version
         built before novelty was calibrated."""
         score = None if self.novelty_scorer is None else self.novelty_scorer.score(self.index, latent, exclude)
-        return None if score is None else self.novelty_scorer.novelty(score)
+        return None if score is None else self.novelty_scorer.novelty(score, entropy_bits)
 
     def som_node(self, latent: np.ndarray) -> tuple[int, int]:
         row, col = self.som.winners(latent)[0]
@@ -270,14 +272,15 @@ class LoadedAtlas:
         return {"prediction_set": [str(c) for c in stored], "coverage": calibration.coverage}
 
     def _answer(self, features, latent, k, method, exclude, prediction=None) -> QueryResult:
+        prediction = prediction or self.predict(features, latent)
         return QueryResult(
             version=self.version,
-            prediction=prediction or self.predict(features, latent),
+            prediction=prediction,
             features=named_features(features),
             references=self.reference_cells(latent, k, method, exclude),
             label_distribution=self.label_distribution(latent, 100, exclude),
             som_node=self.som_node(latent),
-            novelty=self.novelty(latent, exclude),
+            novelty=self.novelty(latent, exclude, prediction.entropy_bits),
         )
 
     def _by_sha_position(self, image_sha: str | None) -> set[int]:

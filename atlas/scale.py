@@ -10,12 +10,14 @@ as a smaller cell; resampled first, it is segmented, cropped and described as an
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from atlas.cell import MIN_IMAGE_SIDE, CellRegion, SegmentationError
-from atlas.ingest import MAX_PIXELS, DecodedImage, ImageTooLarge, decode_image
+from atlas.ingest import MAX_PIXELS, DecodedImage, ImageRecord, ImageTooLarge, decode_image
 
 # Light microscopes resolve about 0.2 um; scanners and cameras on blood smears sample at
 # 0.05-0.5 um per pixel. Outside 0.01-2 um/px the value is a unit mistake (nm, or pixels per
@@ -49,6 +51,33 @@ def check_um_per_pixel(um_per_pixel: float) -> float:
         raise ScaleError(f"um_per_pixel must be between {low} and {high} um per pixel, "
                          f"got {um_per_pixel}")
     return value
+
+
+def at_folder_scales(records: list[ImageRecord], root: Path | str, folder_scales: dict[str, float],
+                     ) -> list[ImageRecord]:
+    """`records` (images under `root`) with the scale of the folder each lies in, for archives that
+    mix acquisitions: `folder_scales` maps a folder, given relative to `root` (`tecom`,
+    `lymphocyte/tecom`), to its um per pixel; it holds for every image below a folder of that
+    relative path at any depth, the longest match winning. Other images keep their own scale.
+    ScaleError for a bad value, or for a folder that holds no image (a typo must not pass)."""
+    if not folder_scales:
+        return records
+    wanted = {tuple(Path(folder).parts): check_um_per_pixel(x) for folder, x in folder_scales.items()}
+    used: set[tuple[str, ...]] = set()
+    out = []
+    for record in records:
+        parts = Path(record.path).resolve().relative_to(Path(root).resolve()).parts[:-1]
+        runs = [key for key in wanted if any(parts[i : i + len(key)] == key for i in range(len(parts)))]
+        if not runs:
+            out.append(record)
+            continue
+        key = max(runs, key=len)
+        used.add(key)
+        out.append(replace(record, um_per_pixel=wanted[key]))
+    unused = sorted("/".join(key) for key in set(wanted) - used)
+    if unused:
+        raise ScaleError(f"--um-per-pixel names folder(s) holding no image under {root}: {', '.join(unused)}")
+    return out
 
 
 def resampled_shape(shape: tuple[int, ...], um_per_pixel: float,

@@ -56,21 +56,17 @@ class LatentIndex:
         """An index over `latents` (row i = cell i) of `kind`, by default the one
         `INDEX_BY_SIZE` names for their number."""
         latents = np.ascontiguousarray(latents, dtype=np.float32)
-        kind = kind or index_kind_for(len(latents))
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
-        dim = latents.shape[1]
-        if kind == "ivf" and len(latents) >= 2:
-            lists = max(1, min(round(math.sqrt(len(latents))), len(latents) // 39))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
-            sample = np.random.default_rng(0).permutation(len(latents))[: 50 * lists]
-            index.train(latents[np.sort(sample)])
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, HNSW_M)
-            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        else:
-            index = faiss.IndexFlatL2(dim)
+        index = empty_index(latents, kind)
         index.add(latents)
+        return cls(index)
+
+    @classmethod
+    def merged(cls, shards: list[faiss.Index]) -> LatentIndex:
+        """One index from shards of one `empty_index`, each filled with the cells that follow
+        the previous shard's (row positions run on across shards)."""
+        index = shards[0]
+        for shard in shards[1:]:
+            index.merge_from(shard, index.ntotal)
         return cls(index)
 
     @property
@@ -105,6 +101,26 @@ class LatentIndex:
     @classmethod
     def load(cls, path) -> LatentIndex:
         return cls(faiss.read_index(str(path)))
+
+
+def empty_index(latents: np.ndarray, kind: str | None = None) -> faiss.Index:
+    """An index of `kind` (default: by the number of `latents`, `INDEX_BY_SIZE`) ready for them:
+    IVF lists trained on a sample of them, no cell added yet."""
+    kind = kind or index_kind_for(len(latents))
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    dim = latents.shape[1]
+    if kind == "ivf" and len(latents) >= 2:
+        lists = max(1, min(round(math.sqrt(len(latents))), len(latents) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+        sample = np.random.default_rng(0).permutation(len(latents))[: 50 * lists]
+        index.train(np.ascontiguousarray(latents[np.sort(sample)], dtype=np.float32))
+        return index
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
+    return faiss.IndexFlatL2(dim)
 
 
 def _with_search_settings(index: faiss.Index) -> faiss.Index:

@@ -5,9 +5,12 @@ many concurrent clients for a fixed time. Loopback traffic only.
     PYTHONPATH=. .venv/bin/python bench/api_bench.py --home H [--duration 60 --clients 16]
 
 It starts `cellatlas serve` on 127.0.0.1 (a fresh reviewer key, revoked at the end, or --open),
-waits for /readyz, measures, stops the server, prints a table and writes the figures as JSON.
-The issue's targets on 2 cores: archived p50 <= 10 ms and p99 <= 50 ms, upload p50 <= 150 ms,
-16 clients for 60 s without errors.
+waits for /readyz (the load time: from the server's start to its first ready answer, imports
+included), measures, reads the server's resident memory (after loading and at the end, and its
+peak), stops the server, prints a table and writes the figures as JSON.
+Targets on 2 cores: archived p50 <= 10 ms and p99 <= 20 ms (at 1M cells too: issue 15; the
+first API issue asked <= 50 ms), upload p50 <= 100 ms on the 7,500-cell atlas (first API issue
+150 ms), 16 clients for 60 s without errors. A million-cell atlas for it: bench/scale_atlas.py.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
 from api import server  # noqa: E402 - after making the repository importable
 from atlas.store import AtlasStore  # noqa: E402
+from atlas.version import CELLS  # noqa: E402
 
-TARGETS_MS = {"archived_p50": 10.0, "archived_p99": 50.0, "upload_p50": 150.0}
+TARGETS_MS = {"archived_p50": 10.0, "archived_p99": 20.0, "upload_p50": 100.0}
 UPLOAD_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
                 ".tif": "image/tiff", ".tiff": "image/tiff"}
 
@@ -62,7 +67,7 @@ class Workload:
     def from_atlas(cls, home: Path, uploads: int, k: int, method: str, seed: int) -> Workload:
         store = AtlasStore(home)
         version = store.require_current()
-        cells = pd.read_parquet(store.version_dir(version) / "cells.parquet", columns=["cell_id", "source_path"])
+        cells = pd.read_parquet(store.version_dir(version) / CELLS, columns=["cell_id", "source_path"])
         rng = random.Random(seed)
         sources = sorted(set(cells["source_path"]))
         rng.shuffle(sources)
@@ -100,6 +105,7 @@ class Server:
         self.key_name: str | None = None
         self.headers: dict[str, str] = {}
         self.process: subprocess.Popen | None = None
+        self.load_s: float | None = None  # from the start of the process to its first ready answer
 
     def __enter__(self) -> Server:
         if not self.open_access:
@@ -109,11 +115,13 @@ class Server:
                    "--host", "127.0.0.1", "--port", str(self.port)] + (["--open"] if self.open_access else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, cwd=REPOSITORY)
         try:
             self._wait_ready()
+            self.load_s = time.perf_counter() - started
         except BaseException:
             self.__exit__()
             raise
@@ -132,6 +140,13 @@ class Server:
             time.sleep(0.25)
         raise BenchError(f"the server was not ready after {self.ready_timeout_s:.0f} s; see {self.log_path}")
 
+    def memory_mb(self) -> dict[str, float | None]:
+        """The server's resident memory now and at its peak (MB; its child processes included
+        now; the peak is the kernel's high-water mark of the server process, Linux only)."""
+        process = psutil.Process(self.process.pid)
+        rss = process.memory_info().rss + sum(child.memory_info().rss for child in process.children(recursive=True))
+        return {"rss_mb": round(rss / 2**20, 1), "peak_rss_mb": _peak_rss_mb(self.process.pid)}
+
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -143,6 +158,15 @@ class Server:
         if self.key_name is not None:
             server.revoke_key(str(self.home), self.key_name)
             self.key_name = None
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    peak = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+    return round(int(peak[0]) / 1024, 1) if peak else None
 
 
 def _free_port() -> int:
@@ -250,6 +274,10 @@ def table(result: dict) -> str:
              f"({result['atlas']['cells']} cells), {result['machine']['cpus']} CPUs, k={result['settings']['k']}, "
              f"method={result['settings']['method']}", ""]
     header = f"{'measurement':<34}{'requests':>9}{'errors':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    memory = result["server"]
+    lines += [f"server: ready {memory['load_s']:.1f} s after its start (load time); resident memory "
+              f"{memory['after_load']['rss_mb']:.0f} MB after loading, {memory['at_end']['rss_mb']:.0f} MB at the end"
+              + (f", peak {memory['at_end']['peak_rss_mb']:.0f} MB" if memory["at_end"]["peak_rss_mb"] else ""), ""]
     lines += [header, "-" * len(header)]
 
     def row(name: str, s: dict) -> str:
@@ -303,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="latent", choices=["latent", "som"])
     parser.add_argument("--open", action="store_true", help="serve without authentication instead of a fresh key")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds the server may take to load the atlas (default 600)")
     parser.add_argument("--out", help="JSON file (default: bench/results/api-<version>-<time>.json)")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.duration <= 0 or not 0 <= args.upload_share <= 1:
-        parser.error("--clients must be >= 1, --duration > 0 and --upload-share within [0, 1]")
+    if args.clients < 1 or args.duration <= 0 or not 0 <= args.upload_share <= 1 or args.ready_timeout <= 0:
+        parser.error("--clients must be >= 1, --duration and --ready-timeout > 0 and --upload-share within [0, 1]")
 
     home = Path(args.home).resolve()
     try:
@@ -320,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"atlas {workload.version}: {workload.cells} cells, {len(workload.uploads)} images to upload; "
           "starting the server ...", file=sys.stderr)
     try:
-        with Server(home, args.open, out.with_suffix(".server.log"), ready_timeout_s=300) as live:
+        with Server(home, args.open, out.with_suffix(".server.log"), ready_timeout_s=args.ready_timeout) as live:
+            server_figures = {"load_s": round(live.load_s, 2), "after_load": live.memory_mb()}
             with httpx.Client(base_url=live.url, headers=live.headers, timeout=60) as client:
                 sequential(client, workload.archived_request, args.warmup, rng, keep_timings=False)
                 sequential(client, workload.upload_request, args.warmup, rng, keep_timings=False)
@@ -332,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             load = asyncio.run(concurrent(live.url, live.headers, workload, args.clients, args.duration,
                                           args.upload_share, args.seed))
             server_command = " ".join(map(str, live.process.args))
+            server_figures["at_end"] = live.memory_mb()
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -342,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(), "python": platform.python_version()},
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("home", "out")},
                      "server": server_command, "auth": "open" if args.open else "bearer key (reviewer)"},
+        "server": server_figures,
         "archived": archived.summary(),
         "upload": upload.summary(),
         "concurrent": load,

@@ -35,12 +35,12 @@ from atlas.progress import Say, Timings
 from atlas.runtime import default_threads
 from atlas.scale import check_um_per_pixel
 from atlas.search import LatentIndex
-from atlas.segmentation import load_segmenter
 from atlas.store import AtlasStore
 from atlas.version import BACKBONE, CLASSIFIER, REJECTIONS, SOM, VAE_WEIGHTS, AtlasVersion
 from indexer import steps
 from indexer.build import counts_by_class
 from indexer.config import BuildError, parent_config
+from indexer.engines import Engine, LocalEngine
 from indexer.report import add_summary
 
 STAGING_TAG = "add"
@@ -71,17 +71,19 @@ class Extension:
 
 
 def add(home: Path | str, images: Path | str, label_from_folders: bool = False, um_per_pixel: float | None = None,
-        threads: int | None = None, progress: bool = True) -> AddResult:
+        threads: int | None = None, progress: bool = True, engine: Engine | None = None) -> AddResult:
     """Index the images of `images` into a new version of the live atlas of `home` with its
     frozen models, and publish it. Raises AtlasNotFound (no live version), IngestError (no
     images), BuildError (a class folder the atlas does not know, no cell in any image) before
-    anything is written; RebuildRunning when another add or rebuild of `home` runs."""
+    anything is written; RebuildRunning when another add or rebuild of `home` runs. `engine` runs
+    the per-cell stages (default: this machine, `indexer.engines`)."""
     home, images = Path(home), Path(images)
     store = AtlasStore(home)
     parent = store.require_current()
-    records = list_images(images)
-    if not label_from_folders:
-        records = [ImageRecord(r.path, None) for r in records]
+    if um_per_pixel is not None:
+        check_um_per_pixel(um_per_pixel)
+    # Images at another scale are resampled to the atlas's before segmentation, as uploads are.
+    records = [ImageRecord(r.path, r.label if label_from_folders else None, um_per_pixel) for r in list_images(images)]
     parent_files = store.version(parent)
     parent_files.check_features()
     classes = list(parent_files.manifest["classes"])
@@ -90,28 +92,24 @@ def add(home: Path | str, images: Path | str, label_from_folders: bool = False, 
         raise BuildError(f"folder(s) {', '.join(unknown)} name no class of the atlas ({', '.join(classes)}); the "
                          "frozen classifier knows only those: rename the folders, add without "
                          "--label-from-folders (the cells go to the review queue), or build anew for a new class")
-    if um_per_pixel is not None:
-        check_um_per_pixel(um_per_pixel)
     threads = threads or default_threads()
     atlas_config = parent_config(parent_files.manifest, parent_files.folder, home, threads=threads, progress=progress)
-    config = replace(atlas_config, images=images, um_per_pixel=um_per_pixel or atlas_config.um_per_pixel)
-    atlas_segmenter = parent_files.read_segmenter()
-    segmenter = atlas_segmenter if um_per_pixel is None else load_segmenter(_segmenter_folder(parent_files),
-                                                                            um_per_pixel)
+    config = replace(atlas_config, images=images)
+    segmenter = parent_files.read_segmenter()
     try:
         lock = RebuildLock(home).acquire()
     except RebuildRunning:
         raise RebuildRunning(f"another add or rebuild of {home} is running; try again when it has finished") from None
     try:
         settle_abandoned_rebuilds(home, lock=lock)  # holding the lock: a rebuild or add still "running" is dead
-        return _add(home, store, parent, parent_files, records, images, label_from_folders, config, atlas_config,
-                    segmenter, atlas_segmenter, threads, progress)
+        return _add(home, store, parent, parent_files, records, images, label_from_folders, config, segmenter,
+                    um_per_pixel, threads, progress, engine or LocalEngine(threads))
     finally:
         lock.release()
 
 
-def _add(home, store, parent, parent_files, records, images, label_from_folders, config, atlas_config, segmenter,
-         atlas_segmenter, threads, progress) -> AddResult:
+def _add(home, store, parent, parent_files, records, images, label_from_folders, config, segmenter, um_per_pixel,
+         threads, progress, engine) -> AddResult:
     torch.set_num_threads(threads)
     say = Say(progress)
     timings = Timings(say)
@@ -122,12 +120,12 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
     staging = None
     started = time.perf_counter()
     try:
-        say(f"adding {len(records)} images from {images} to version {parent} (frozen models)")
+        say(f"adding {len(records)} images from {images} to version {parent} (frozen models); engine: {engine.name}")
         pending = archive.fold_candidates()
         with timings("ingest_segment_describe"):
-            prepared = steps.prepare_images(records, segmenter, config)
+            prepared = steps.prepare_images(records, segmenter, config, engine.map_images)
             # Cells archived through the API, prepared at the atlas's own scale.
-            archived = steps.prepare_archived(archive, pending, atlas_segmenter, atlas_config)
+            archived = steps.prepare_archived(archive, pending, segmenter, config)
         with timings("load_models"):
             embedder = parent_files.read_embedder(device=config.device)
         new = pd.concat([prepared.cells, archived.cells], ignore_index=True) if len(archived.cells) else prepared.cells
@@ -136,7 +134,7 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
         sources = np.array([source_of.get(cell_id) or _source(path, images)
                             for cell_id, path in zip(new["cell_id"], new["source_path"])], dtype=object)
         extension = extend_version(parent_files, new, inputs, archive.withdrawn(), embedder,
-                                   parent_files.read_classifier(threads=threads), timings, progress)
+                                   parent_files.read_classifier(threads=threads), timings, progress, engine)
         if not len(extension.added):
             copies = extension.copies
             raise BuildError(f"nothing to add: all {len(new)} cells found are already archived"
@@ -150,7 +148,8 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
         cells["duplicate_group"], duplicates = steps.deduplicate(cells["cell_id"], cells["ahash"], cells["fine_hash"],
                                                                  cells["label"])
         with timings("novelty"):
-            novelty = steps.calibrate_novelty(extension.index, extension.latents, cells["duplicate_group"])
+            novelty = steps.calibrate_novelty(extension.index, extension.latents, cells["duplicate_group"],
+                                              cells["entropy_bits"])
         staging = store.new_staging(tag=STAGING_TAG)
         with timings("write"):
             files = store.staging_version(staging)
@@ -165,7 +164,8 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
         folded = [c for c in archived.cells.get("cell_id", []) if c in set(extension.added["cell_id"])]
         timings.seconds["total"] = round(time.perf_counter() - started, 2)
         manifest = _manifest(parent_files, parent, cells, extension, records, prepared, archived, folded, drift,
-                             novelty, duplicates, timings, job_id, images, label_from_folders, config.um_per_pixel)
+                             novelty, duplicates, timings, job_id, images, label_from_folders, um_per_pixel,
+                             engine)
         with timings("publish"):
             version = store.publish(staging, manifest)
         catalog.mark_folded(folded, version)
@@ -180,10 +180,11 @@ def _add(home, store, parent, parent_files, records, images, label_from_folders,
 
 
 def extend_version(parent: AtlasVersion, new: pd.DataFrame, model_inputs: np.ndarray, withdrawn, embedder: Embedder,
-                   classifier, timings: Timings, progress: bool = False) -> Extension:
+                   classifier, timings: Timings, progress: bool = False, engine: Engine | None = None) -> Extension:
     """The parent's cells without the `withdrawn` ids and with the `new` cells (rows as the
     build's prepare step gives them, and their model inputs) that are not copies of archived
-    cells, embedded and placed by the parent's frozen models."""
+    cells, embedded (by `engine`, default here) and placed by the parent's frozen models."""
+    engine = engine or LocalEngine(torch.get_num_threads())
     with timings("load"):
         cells = parent.read_cells()
         latents = parent.read_latents()
@@ -205,7 +206,7 @@ def extend_version(parent: AtlasVersion, new: pd.DataFrame, model_inputs: np.nda
     rows = new[fresh].reset_index(drop=True)
     rows = rows.assign(folder_label=rows["label"], duplicate_group=rows["cell_id"], split=ADDED_SPLIT)
     with timings("embed"):
-        added_latents = (embedder.embed_inputs(model_inputs[fresh], show_progress=progress) if fresh.any()
+        added_latents = (engine.embed(embedder, model_inputs[fresh], progress) if fresh.any()
                          else np.zeros((0, latents.shape[1]), np.float32))
     with timings("place"):
         if fresh.any():
@@ -238,7 +239,7 @@ def _rejections(parent: AtlasVersion) -> list:
 
 
 def _manifest(parent_files, parent, cells, extension, records, prepared, archived, folded, drift, novelty,
-              duplicates, timings, job_id, images, label_from_folders, um_per_pixel) -> dict:
+              duplicates, timings, job_id, images, label_from_folders, um_per_pixel, engine) -> dict:
     """The parent's manifest with what this addition changed, and where it came from."""
     carried = {k: v for k, v in parent_files.manifest.items() if k not in ("version", "timings_s", "job_id")}
     added = len(extension.added)
@@ -250,7 +251,7 @@ def _manifest(parent_files, parent, cells, extension, records, prepared, archive
         "rejections_by_reason": steps.count_reasons(prepared.rejections),
         "archived_cells_folded": folded, "archived_cells_rejected": len(archived.rejections),
         "withdrawn_left_out": extension.withdrawn_left_out,
-        "cells_per_s": round(added / total, 2), "job_id": job_id,
+        "cells_per_s": round(added / total, 2), "job_id": job_id, "engine": engine.describe(),
     }
     return {
         **carried,
@@ -268,10 +269,3 @@ def _manifest(parent_files, parent, cells, extension, records, prepared, archive
         "timings_s": timings.seconds,
         "job_id": job_id,
     }
-
-
-
-def _segmenter_folder(files: AtlasVersion) -> Path | None:
-    """The version's own copy of its trained segmenter, or None (classical)."""
-    relative = (files.manifest.get("segmenter") or {}).get("path")
-    return files.path(relative) if relative else None

@@ -25,11 +25,12 @@ from atlas.embedder import Embedder
 from atlas.features import FEATURE_NAMES
 from atlas.ingest import ImageRecord, list_images
 from atlas.progress import Say, Timings
-from atlas.search import LatentIndex
+from atlas.scale import at_folder_scales
 from atlas.segmentation import load_segmenter
 from atlas.store import AtlasStore
 from indexer import steps
 from indexer.config import BuildConfig, BuildError
+from indexer.engines import Engine, LocalEngine
 from indexer.report import build_summary
 
 
@@ -40,13 +41,17 @@ class BuildResult:
     version_dir: Path
 
 
-def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> BuildResult:
+def build(config: BuildConfig, records: list[ImageRecord] | None = None,
+          engine: Engine | None = None) -> BuildResult:
     """Run every step and publish a new version. Raises BuildError where nothing can be built;
     on any failure the staging folder is removed and the live version is untouched. `records`
-    (default: the images of `config.images`) are the images to build from. Cells archived one
-    at a time (POST /v1/cells) join them; withdrawn cells are left out."""
+    (default: the images of `config.images`, at `config.folder_scales`) are the images to build from. Cells archived one
+    at a time (POST /v1/cells) join them; withdrawn cells are left out. `engine` runs the
+    per-cell stages (default: this machine, `indexer.engines`)."""
     torch.set_num_threads(config.threads)
-    records = list_images(config.images) if records is None else records  # fails early, before anything is written
+    engine = engine or LocalEngine(config.threads)
+    if records is None:  # fails early, before anything is written
+        records = at_folder_scales(list_images(config.images), config.images, config.folder_scales)
     segmenter = load_segmenter(config.segmenter, config.um_per_pixel)  # so does a bad model folder
     store = AtlasStore(config.home)
     store.clean_stale_staging()
@@ -57,11 +62,11 @@ def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> Buil
     catalog.start_job(job_id, "build")
     staging = None
     try:
-        say(f"found {len(records)} images in {config.images}")
+        say(f"found {len(records)} images in {config.images}; engine: {engine.name}")
         say(f"segmenter: {segmenter.name} from {config.segmenter}" if config.segmenter else
             "segmenter: classical thresholds (give --segmenter MODEL to use a trained cellpose model)")
         with timings("ingest_segment_describe"):
-            prepared = steps.prepare_images(records, segmenter, config)
+            prepared = steps.prepare_images(records, segmenter, config, engine.map_images)
             prepared, archive_summary = steps.with_archive(prepared, Archive(config.home, catalog), segmenter, config)
         cells, rejections = prepared.cells, prepared.rejections
         cells["folder_label"] = cells["label"]
@@ -84,15 +89,15 @@ def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> Buil
             backbone = steps.train_backbone(prepared.model_inputs, cells["label"].to_numpy(object),
                                             cells["split"].to_numpy(object), classes, config)
         with timings("embed"):
-            tapped = backbone.embed(prepared.model_inputs, progress=config.progress)
+            tapped = engine.tap(backbone, prepared.model_inputs, config.progress)
         with timings("train_vae"):
             vae = steps.train_vae(tapped, config)
             latents = vae.transform(tapped)
         embedder = Embedder(backbone, vae)
         with timings("index"):
-            index = LatentIndex.build(latents)
+            index = engine.build_index(latents)
         with timings("som"):
-            som, nodes, node_distances = steps.train_som(latents, config)
+            som, nodes, node_distances = steps.train_som(latents, config, engine.best_nodes)
             cells["som_row"], cells["som_col"], cells["som_distance"] = nodes[:, 0], nodes[:, 1], node_distances
         with timings("umap"):
             projection = steps.project(latents, config.seed)
@@ -103,7 +108,7 @@ def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> Buil
                 cells["split"].to_numpy(object), classes, config)
             cells = cells.assign(**steps.prediction_columns(predictions))
         with timings("novelty"):
-            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"])
+            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"], cells["entropy_bits"])
         with timings("write"):
             files = store.staging_version(staging)
             files.write_models(embedder, classifier)
@@ -117,6 +122,7 @@ def build(config: BuildConfig, records: list[ImageRecord] | None = None) -> Buil
             files.write_rejections(rejections)
         manifest = _manifest(config, records, cells, rejections, segmenter.name, segmenter_path, classes,
                              corrections, duplicates, embedder, som, classification, timings, job_id)
+        manifest["engine"] = engine.describe()
         manifest["novelty"] = novelty.summary()
         manifest["archive"] = archive_summary
         with timings("publish"):

@@ -11,6 +11,7 @@ from atlas.calibration import DEFAULT_COVERAGE, check_coverage
 from atlas.cell import REFERENCE_UM_PER_PIXEL
 from atlas.classifier import DEFAULT_FLAG_BITS
 from atlas.runtime import default_threads
+from atlas.scale import check_um_per_pixel
 
 
 class BuildError(RuntimeError):
@@ -29,8 +30,9 @@ class BuildConfig:
     som_epochs: int = 30
     val_fraction: float = 0.1
     flag_entropy: float | str = DEFAULT_FLAG_BITS  # bits, or "auto"; flags only uncalibrated classifiers
-    coverage: float = DEFAULT_COVERAGE  # of the prediction sets: the true class is in the set this often
-    um_per_pixel: float = REFERENCE_UM_PER_PIXEL
+    coverage: float | str = DEFAULT_COVERAGE  # of the prediction sets, or "auto" (chosen out-of-fold, >= 0.99)
+    um_per_pixel: float = REFERENCE_UM_PER_PIXEL  # the atlas's scale (and its images', unless below)
+    folder_scales: dict[str, float] = field(default_factory=dict)  # {folder under images: its um/px}
     segmenter: str | None = None  # a folder from `cellatlas segmenter train`; None = classical
     seed: int = 0
     threads: int = field(default_factory=default_threads)
@@ -47,6 +49,8 @@ class BuildConfig:
             self.coverage = check_coverage(self.coverage)
         except ValueError as error:
             raise BuildError(str(error)) from None
+        self.um_per_pixel = check_um_per_pixel(self.um_per_pixel)
+        self.folder_scales = {str(folder): check_um_per_pixel(x) for folder, x in (self.folder_scales or {}).items()}
 
 
 def parent_config(manifest: dict, version_dir: Path, home: Path, threads: int, progress: bool) -> BuildConfig:

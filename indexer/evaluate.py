@@ -3,10 +3,11 @@
 Measures: classification accuracy and macro-F1; precision@8 of the reference cells (share of
 the 8 with the query's label); majority-of-8 accuracy; share flagged and accuracy on the
 unflagged; the uncertainty (empirical coverage and mean size of the prediction sets at 95%,
-99% and the atlas's own coverage, overall and per class; share of the misclassified cells
-flagged; expected calibration error before and after temperature scaling); novelty (scores
-and share novel; with images of classes the atlas lacks, the AUROC of the novelty score
-between those and the known classes and the share of them flagged at 5% false alarms); and
+99% and the atlas's own coverage, which for "auto" is the level chosen out-of-fold, overall and
+per class; share of the misclassified cells flagged; expected calibration error before and
+after temperature scaling); novelty (scores and share novel; with images of classes the atlas
+lacks, the AUROC of the novelty score between those and the known classes and the share of
+them flagged at 5% false alarms); and
 the core design's rotation check (ROTMES): rotated and mirrored copies of archived images
 should find that cell (or its duplicate group) first.
 """
@@ -91,7 +92,7 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
         "seconds_per_image": (time.perf_counter() - started) / max(1, len(records)),
     }
     result["uncertainty"] = uncertainty(atlas.classifier, raw_probabilities, labels_arr)
-    result["novelty"] = novelty(atlas, latents, labels_arr)
+    result["novelty"] = novelty(atlas, latents, labels_arr, predictions.entropy_bits)
     result["rotation_invariance"] = rotation_check(atlas, rotmes_per_class, seed, progress)
     return result
 
@@ -111,7 +112,11 @@ def uncertainty(classifier, raw_probabilities: np.ndarray, labels: np.ndarray) -
         return result
     result["temperature"] = calibration.temperature
     result["ece_after"] = expected_calibration_error(calibration.probabilities(raw), truth)
-    result["default_coverage"] = calibration.coverage
+    result["default_coverage"] = calibration.coverage  # the level used ("auto": the one chosen out-of-fold)
+    result["coverage_requested"] = calibration.summary.get("coverage_requested", calibration.coverage)
+    choice = calibration.summary.get("coverage_choice")
+    if choice:  # how "auto" chose, on the out-of-fold cells only
+        result["coverage_choice"] = {key: choice[key] for key in ("chosen", "met", "reason", "at_chosen")}
     result["levels"] = {}
     for level in sorted({*COVERAGE_LEVELS, calibration.coverage}):
         result["levels"][f"{level:g}"] = set_measures(classifier.predictions(raw, coverage=level), truth, labels)
@@ -138,27 +143,30 @@ def set_measures(predictions, truth: np.ndarray, labels: np.ndarray) -> dict:
             "per_class": {c: measures(labels == c) for c in sorted(set(labels))}}
 
 
-def novelty(atlas: LoadedAtlas, latents: np.ndarray, labels: np.ndarray) -> dict:
-    """Novelty scores of the evaluated cells; with cells of classes the atlas lacks, how well
-    the score tells them from the known classes (AUROC; share flagged at 5% false alarms)."""
+def novelty(atlas: LoadedAtlas, latents: np.ndarray, labels: np.ndarray, entropy_bits: np.ndarray) -> dict:
+    """Novelty of the evaluated cells (distance, combined with their classifier `entropy_bits`
+    where the version's scorer is); with cells of classes the atlas lacks, how well the novelty
+    statistic tells them from the known classes (AUROC; share flagged at 5% false alarms)."""
     scorer = atlas.novelty_scorer
     if scorer is None:
         return {"note": "version built before novelty was calibrated"}
     scores = np.array([scorer.score(atlas.index, latent[None]) for latent in latents], dtype=float)
-    p_values = scorer.p_values(scores)
+    statistic = scorer.statistic(scores, entropy_bits)
+    p_values = scorer.p_values(scores, entropy_bits)
     novel = p_values < scorer.level
     unknown = ~np.isin(labels, atlas.classes)
-    result = {"k": scorer.k, "level": scorer.level, "median_score": float(np.median(scores)),
+    result = {"k": scorer.k, "level": scorer.level, "combined_with_entropy": scorer.combined,
+              "median_score": float(np.median(scores)),
               "archive_median_score": float(np.median(scorer.reference_scores_)),
               "share_novel": float(novel.mean()),
               "share_novel_known_classes": float(novel[~unknown].mean()) if (~unknown).any() else None}
     if unknown.any() and (~unknown).any():
-        threshold = float(np.quantile(scores[~unknown], 1 - FALSE_ALARMS))
+        threshold = float(np.quantile(statistic[~unknown], 1 - FALSE_ALARMS))
         result["unknown_classes"] = {
             c: {"cells": int((labels == c).sum()),
                 "auroc": float(roc_auc_score(np.r_[np.zeros((~unknown).sum()), np.ones((labels == c).sum())],
-                                             np.r_[scores[~unknown], scores[labels == c]])),
-                "share_flagged_at_5pct_false_alarms": float((scores[labels == c] > threshold).mean()),
+                                             np.r_[statistic[~unknown], statistic[labels == c]])),
+                "share_flagged_at_5pct_false_alarms": float((statistic[labels == c] > threshold).mean()),
                 "share_novel": float(novel[labels == c].mean())}
             for c in sorted(set(labels[unknown]))}
         result["auroc_mean"] = float(np.mean([v["auroc"] for v in result["unknown_classes"].values()]))

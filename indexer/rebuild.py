@@ -147,7 +147,7 @@ class _Rebuild:
                 cells[list(FEATURE_NAMES)].to_numpy(), latents, cells["label"].to_numpy(object),
                 cells["split"].to_numpy(object), classes, self.config)
             cells = cells.assign(**steps.prediction_columns(predictions))
-            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"])
+            novelty = steps.calibrate_novelty(index, latents, cells["duplicate_group"], cells["entropy_bits"])
 
         staging = self.store.new_staging(tag=STAGING_TAG)
         try:
@@ -213,7 +213,8 @@ class _Rebuild:
 
 def archive_records(cells, catalog: Catalog, store: AtlasStore | None = None) -> list[ImageRecord]:
     """The image files a version's cells came from, each once, with the label its folder gave
-    (an unlabelled image stays unlabelled: every cell of it is found again), and those of cells
+    (an unlabelled image stays unlabelled: every cell of it is found again) and the scale it was
+    taken at, and those of cells
     restored after a version left them out (found in the version they were withdrawn from).
     Cells archived through the API are left out: the build folds them in from the catalogue."""
     from_api = {a["cell_id"] for a in catalog.archived_cells(pending_only=False)}
@@ -232,9 +233,11 @@ def archive_records(cells, catalog: Catalog, store: AtlasStore | None = None) ->
     records, seen = [], set()
     for table in tables:
         labels = table["folder_label"] if "folder_label" in table else table["label"]
-        for cell_id, path, label in zip(table["cell_id"], table["source_path"], labels):
+        scales = table["um_per_pixel"] if "um_per_pixel" in table else [None] * len(table)  # older versions: none
+        for cell_id, path, label, scale in zip(table["cell_id"], table["source_path"], labels, scales):
             if cell_id in from_api or path in seen:
                 continue
             seen.add(path)
-            records.append(ImageRecord(Path(path), None if pd.isna(label) else str(label)))
+            records.append(ImageRecord(Path(path), None if pd.isna(label) else str(label),
+                                       None if scale is None or pd.isna(scale) else float(scale)))
     return records

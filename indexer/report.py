@@ -34,7 +34,7 @@ def flag_text(clf: dict) -> str:
     calibration = clf.get("calibration")
     if not calibration:
         return f"{clf['share_flagged']:.1%} flagged (entropy > {clf['flag_threshold_bits']:.2f} bits)"
-    return (f"{clf['share_flagged']:.1%} flagged (prediction set at {calibration['coverage']:.0%} not one class; "
+    return (f"{clf['share_flagged']:.1%} flagged (prediction set at {calibration['coverage']:.1%} not one class; "
             f"mean set size {calibration['mean_set_size']:.2f}); temperature {calibration['temperature']:.2f}, "
             f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}")
 

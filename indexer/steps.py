@@ -2,7 +2,7 @@
 add and rebuild. None of them edits a table it was given: each
 returns what it made, and the job that calls it decides where the result goes.
 
-    prepare_images     ingest + segment + crop + describe + hash, in worker processes
+    prepare_images     ingest + segment + crop + describe + hash, in worker processes (or Ray actors)
     prepare_archived   the same for cells archived through the API (from their stored uploads)
     with_archive       a build's cells with the API-archived cells joined, withdrawn ones left out
     relabel            the corrections log over the folder labels
@@ -19,6 +19,7 @@ returns what it made, and the job that calls it decides where the result goes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from atlas.prepare import prepare_cells
 from atlas.progress import progress
 from atlas.projection import umap_projection
 from atlas.runtime import resolve_device
+from atlas.scale import to_scale
 from atlas.segmentation import Segmenter
 from atlas.som import BatchSOM, grid_shape_for, standard_scale
 from atlas.vae import VAE
@@ -61,70 +63,98 @@ class PreparedImages:
     rejections: list[Rejection]
 
 
-def prepare_images(records: list[ImageRecord], segmenter: Segmenter, config: BuildConfig) -> PreparedImages:
-    """Read, hash, segment, crop and describe every image in worker processes; crops are
-    written under ATLAS_HOME (content-addressed, shared by versions). Identical files are
-    ingested once; the rest of the repeats are rejected with the first file named."""
-    input_size = PRESETS[config.preset].input_size
-    jobs = [(str(r.path), r.label, segmenter, config.um_per_pixel, input_size, str(config.home)) for r in records]
+def prepare_images(records: list[ImageRecord], segmenter: Segmenter, config: BuildConfig,
+                   map_images: MapImages | None = None) -> PreparedImages:
+    """Read, hash, segment, crop and describe every image; crops are written under ATLAS_HOME
+    (content-addressed, shared by versions). Identical files are ingested once; the rest of the
+    repeats are rejected with the first file named. `map_images` runs the per-image work
+    (default: worker processes of this machine, `in_processes`; a Ray engine passes its own)."""
+    work = ImageWork(segmenter, config.um_per_pixel, PRESETS[config.preset].input_size, str(config.home))
+    results = (map_images or in_processes(config.threads))(work, records)
     rows, crops, rejections, seen = [], [], [], {}
-    with ProcessPoolExecutor(max_workers=max(1, config.threads), initializer=_worker_init) as pool:
-        results = pool.map(_prepare_file, jobs, chunksize=16)
-        for (path, label, *_), result in progress(zip(jobs, results), config.progress, total=len(jobs),
-                                                  desc="segment", unit="img"):
-            if isinstance(result, str):
-                rejections.append(Rejection(path, result))
-                continue
-            sha = result[0][0]["source_sha256"]
-            if sha in seen:
-                first_path, first_label = seen[sha]
-                conflict = f" (labelled {first_label!r} there, {label!r} here)" if first_label != label else ""
-                rejections.append(Rejection(path, f"identical file already ingested: {first_path}{conflict}"))
-                continue
-            seen[sha] = (path, label)
-            for row, crop in result:
-                rows.append(row)
-                crops.append(crop)
+    for record, result in progress(zip(records, results), config.progress, total=len(records),
+                                   desc="segment", unit="img"):
+        path, label = str(record.path), record.label
+        if isinstance(result, str):
+            rejections.append(Rejection(path, result))
+            continue
+        sha = result[0][0]["source_sha256"]
+        if sha in seen:
+            first_path, first_label = seen[sha]
+            conflict = f" (labelled {first_label!r} there, {label!r} here)" if first_label != label else ""
+            rejections.append(Rejection(path, f"identical file already ingested: {first_path}{conflict}"))
+            continue
+        seen[sha] = (path, label)
+        for row, crop in result:
+            rows.append(row)
+            crops.append(crop)
     if not rows:
         raise BuildError(f"none of the {len(records)} images gave a cell; reasons: {count_reasons(rejections)}")
     return PreparedImages(pd.DataFrame(rows), np.stack(crops), rejections)
 
 
+@dataclass(frozen=True)
+class ImageWork:
+    """What every image of a job is prepared with; `work(path, label)` prepares one. Picklable:
+    it travels to worker processes or to Ray actors."""
+
+    segmenter: Segmenter
+    um_per_pixel: float
+    input_size: int
+    home: str
+
+    def __call__(self, path: str, label: str | None,
+                 um_per_pixel: float | None = None) -> list[tuple[dict, np.ndarray]] | str:
+        """One image (taken at `um_per_pixel`; None: the job's scale) -> list of (row,
+        model-size crop), or the reason it was rejected. An image at another scale is resampled
+        to the job's before segmentation, as an upload is."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            return f"cannot read file ({error.strerror or error})"
+        try:
+            image = to_scale(read_image_bytes(data), um_per_pixel, self.um_per_pixel)
+            # A class folder's label names the image's main cell; an unlabelled image (a smear
+            # field) gives every white cell found, each indexed as its own cell.
+            prepared = prepare_cells(image, self.segmenter, self.um_per_pixel, all_cells=label is None)
+        except (ImageReadError, SegmentationError) as error:
+            return str(error)
+        sha = content_hash(data)
+        out = []
+        for cell in prepared:
+            cell_id = f"{sha[:16]}-{cell.index}"
+            relative = crop_path(self.segmenter.name, cell_id)
+            target = Path(self.home) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                save_image_atomic(Image.fromarray(cell.crop.image), target, quality=92)
+                save_image_atomic(Image.fromarray(cell.crop.mask), mask_path(target))
+            r0, c0, r1, c1 = cell.crop.bbox
+            row = {"cell_id": cell_id, "source_path": os.path.abspath(path), "source_sha256": sha,
+                   "cell_index": cell.index, "label": label, "um_per_pixel": um_per_pixel,
+                   "bbox": [r0, c0, r1, c1], "crop_path": relative,
+                   "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash,
+                   "segment_ms": round(cell.segment_ms, 2),
+                   **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
+            out.append((row, model_input([cell.crop], self.input_size)[0]))
+        return out
+
+
+# work(path, label) applied to every record, results yielded in the records' order
+MapImages = Callable[[ImageWork, list[ImageRecord]], Iterator]
+
+
+def in_processes(threads: int) -> MapImages:
+    """The local engine's per-image map: `threads` worker processes of this machine."""
+    def map_images(work: ImageWork, records: list[ImageRecord]) -> Iterator:
+        with ProcessPoolExecutor(max_workers=max(1, threads), initializer=_worker_init) as pool:
+            yield from pool.map(work, [str(r.path) for r in records], [r.label for r in records],
+                                [r.um_per_pixel for r in records], chunksize=16)
+    return map_images
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)
-
-
-def _prepare_file(job):
-    """One image -> list of (row, model-size crop), or the reason it was rejected."""
-    path, label, segmenter, um_per_pixel, input_size, home = job
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        return f"cannot read file ({error.strerror or error})"
-    try:
-        image = read_image_bytes(data)
-        # A class folder's label names the image's main cell; an unlabelled image (a smear field)
-        # gives every white cell found, each indexed as its own cell.
-        prepared = prepare_cells(image, segmenter, um_per_pixel, all_cells=label is None)
-    except (ImageReadError, SegmentationError) as error:
-        return str(error)
-    sha = content_hash(data)
-    out = []
-    for cell in prepared:
-        cell_id = f"{sha[:16]}-{cell.index}"
-        relative = crop_path(segmenter.name, cell_id)
-        target = Path(home) / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            save_image_atomic(Image.fromarray(cell.crop.image), target, quality=92)
-            save_image_atomic(Image.fromarray(cell.crop.mask), mask_path(target))
-        r0, c0, r1, c1 = cell.crop.bbox
-        row = {"cell_id": cell_id, "source_path": os.path.abspath(path), "source_sha256": sha,
-               "cell_index": cell.index, "label": label, "bbox": [r0, c0, r1, c1], "crop_path": relative,
-               "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash, "segment_ms": round(cell.segment_ms, 2),
-               **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
-        out.append((row, model_input([cell.crop], input_size)[0]))
-    return out
 
 
 def prepare_archived(archive: Archive, archived: list[dict], segmenter: Segmenter,
@@ -257,14 +287,33 @@ def train_vae(tapped: np.ndarray, config: BuildConfig) -> VAE:
 
 
 # -- map ---------------------------------------------------------------------------------------------
-def train_som(latents: np.ndarray, config: BuildConfig) -> tuple[BatchSOM, np.ndarray, np.ndarray]:
-    """The map (it learns its own input scaling), each cell's best node (n, 2) and its
-    distance to that node."""
-    mean, std = standard_scale(latents)
-    rows, cols = config.som_shape or grid_shape_for((latents - mean) / std)
+# The map is trained on at most this many cells (a random sample, the seed's); every cell still
+# gets its best node. A batch SOM's epoch costs O(cells x nodes): at 1M cells and 244x244 nodes
+# about 2.6 CPU-minutes per epoch (extrapolated from bench som: 61,710 cells, 10 epochs,
+# 96 CPU-s), and a million cells already give each node of the largest map 17 cells.
+SOM_TRAIN_SAMPLE = 1_000_000
+
+
+def train_som(latents: np.ndarray, config: BuildConfig,
+              best_nodes: Callable[[BatchSOM, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+              ) -> tuple[BatchSOM, np.ndarray, np.ndarray]:
+    """The map (it learns its own input scaling; trained on at most SOM_TRAIN_SAMPLE cells),
+    each cell's best node (n, 2) and its distance to that node. `best_nodes(som, latents)`
+    computes the last two (default: here, `som_best_nodes`; a Ray engine passes its own)."""
+    sample = latents
+    if len(latents) > SOM_TRAIN_SAMPLE:
+        chosen = np.random.default_rng(config.seed).choice(len(latents), SOM_TRAIN_SAMPLE, replace=False)
+        sample = latents[np.sort(chosen)]
+    mean, std = standard_scale(sample)
+    rows, cols = config.som_shape or grid_shape_for((sample - mean) / std)
     device = resolve_device("cpu" if config.device == "cpu" else "auto").type
-    som = BatchSOM(rows, cols, epochs=config.som_epochs, seed=config.seed, device=device).fit(latents)
-    return som, som.winners(latents), som.node_distances(latents)
+    som = BatchSOM(rows, cols, epochs=config.som_epochs, seed=config.seed, device=device).fit(sample)
+    return (som, *(best_nodes or som_best_nodes)(som, latents))
+
+
+def som_best_nodes(som: BatchSOM, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's best node (n, 2) and its distance to that node."""
+    return som.winners(latents), som.node_distances(latents)
 
 
 def project(latents: np.ndarray, seed: int) -> np.ndarray:
@@ -302,10 +351,10 @@ def train_classifier(features: np.ndarray, latents: np.ndarray, labels: np.ndarr
     }
 
 
-def calibrate_novelty(index, latents: np.ndarray, duplicate_groups) -> NoveltyScorer:
-    """The archive's own leave-one-out novelty scores (duplicate groups left out), against
-    which a query's novelty p-value is computed."""
-    return NoveltyScorer().fit(index, latents, duplicate_groups)
+def calibrate_novelty(index, latents: np.ndarray, duplicate_groups, entropy_bits) -> NoveltyScorer:
+    """The archive's own leave-one-out novelty scores (duplicate groups left out) and
+    classifier entropies, against which a query's novelty p-value is computed."""
+    return NoveltyScorer().fit(index, latents, duplicate_groups, entropy_bits=entropy_bits)
 
 
 def prediction_columns(predictions: Predictions) -> dict:

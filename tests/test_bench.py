@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from atlas.som import map_errors
-from bench import dedup_bench, search_bench, som_bench
+from bench import dedup_bench, index_bench, search_bench, som_bench
 from bench.common import cluster_mixture, tiled_latents
 from indexer.cli import main
 
@@ -107,3 +107,102 @@ def test_cli_rejects_a_bad_benchmark_or_option(tmp_path, capsys):
     assert bad.value.code == 2
     assert main(["bench", "som", "--tiny", "--latents", str(tmp_path / "missing.npy")]) == 2
     assert "no latents at" in capsys.readouterr().err
+
+
+INDEX_STEPS = {"read", "content hash", "decode", "segment", "crop", "describe", "hash", "save crop", "model input",
+               "embed", "search insert"}
+
+
+def test_index_bench_times_each_step_and_the_add_against_a_plain_loop(built_atlas, synthetic_images, tmp_path):
+    home, _ = built_atlas
+    before = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    result = index_bench.run(["--tiny", "--home", str(home), "--images", str(synthetic_images), "--limit", "6",
+                              "--label-from-folders", "--out", str(tmp_path / "index.json")])
+    assert json.loads((tmp_path / "index.json").read_text())["benchmark"] == "index"
+    steps = [r for r in result["steps"] if r["step"] != "sum of steps"]
+    assert {r["step"] for r in steps} == INDEX_STEPS and {r["segmenter"] for r in steps} == {"classical"}
+    assert sum(r["share"] for r in steps) == pytest.approx(1.0)
+    cells = result["segmenters"]["classical"]["cells"]
+    assert cells == 6 - result["segmenters"]["classical"]["images_rejected"]  # one cell per labelled image
+    runs = {r["method"].split(" ")[0]: r for r in result["end_to_end"]}
+    assert set(runs) == {"add", "plain"} and all(r["cells"] == cells and r["images"] == 6 for r in runs.values())
+    full, eight, one = result["views"]
+    assert (full["views"], eight["views"], one["views"]) == (16, 8, 1)
+    assert full["recall_archive"] == 1.0 and full["latent_mse"] == 0.0
+    # The D4 views make a cell turned by 90 degrees embed as itself; the identity view alone does not.
+    assert full["recall_turned"] == 1.0 and eight["recall_turned"] == 1.0
+    assert one["latent_mse"] > eight["latent_mse"] > 0
+    batches = result["batches"]
+    assert {16, 32, 64, 128, 256} <= {b["views_per_batch"] for b in batches} and sum(b["default"] for b in batches) == 1
+    assert all(b["max_latent_difference"] < 1e-2 for b in batches)  # the batch changes the speed, not the latents
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == before  # the atlas is only read
+
+
+def test_index_bench_one_view_is_the_first_of_the_backbones_views(built_atlas):
+    """The one-view latents (the bench's own path through the backbone) equal the product's
+    embedding when the views are reduced to the identity by hand."""
+    from atlas.store import AtlasStore
+
+    home, _ = built_atlas
+    store = AtlasStore(home)
+    embedder = store.version(store.require_current()).read_embedder(device="cpu")
+    noise = np.random.default_rng(0).integers(0, 256, (3, embedder.input_size, embedder.input_size, 3))
+    turned = sum(np.rot90(noise, k, (1, 2)) for k in range(4)) // 4
+    symmetric = np.minimum(turned, turned[:, :, ::-1]).astype(np.uint8)
+    # An image the D4 group leaves unchanged has 8 identical views: their mean is the one view.
+    assert np.array_equal(symmetric, np.rot90(symmetric, 1, (1, 2))) and np.array_equal(symmetric, symmetric[:, :, ::-1])
+    np.testing.assert_allclose(index_bench.one_view_latents(embedder, symmetric),
+                               index_bench.latents_at(embedder, symmetric, (0.0,)), rtol=1e-3, atol=5e-3)
+
+
+def test_cli_runs_the_index_bench_on_its_own_tiny_atlas(tmp_path, capsys):
+    assert main(["bench", "index", "--tiny", "--limit", "4", "--out", str(tmp_path / "index.json")]) == 0
+    figures = json.loads((tmp_path / "index.json").read_text())
+    assert figures["setting"]["home"] == "tiny generated atlas" and figures["setting"]["image_count"] == 4
+    assert "where the time goes" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_index_bench_options(built_atlas, synthetic_images, tmp_path, capsys):
+    home, _ = built_atlas
+    with pytest.raises(SystemExit) as alone:
+        main(["bench", "index", "--home", str(home)])
+    assert alone.value.code == 2
+    assert main(["bench", "index", "--home", str(home), "--images", str(synthetic_images),
+                 "--segmenter", str(tmp_path / "no-model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "index", "--home", str(tmp_path), "--images", str(synthetic_images)]) == 2
+    assert "no published atlas" in capsys.readouterr().err
+
+
+def test_scale_atlas_repeats_a_built_atlas_that_the_api_serves(built_atlas, tmp_path, capsys):
+    """bench/scale_atlas.py --tiny: the built atlas's cells repeated to 3,000 (an IVF index, as at
+    1M), published with the product's writers; the API answers reference cells for a copy with
+    k other cells and serves its crop through the link to the source's crops."""
+    import pandas as pd
+
+    from atlas.store import AtlasStore
+    from atlas.version import CELLS, NOVELTY
+    from bench import scale_atlas
+    from tests.conftest import open_client
+
+    source, _ = built_atlas
+    home = tmp_path / "scale"
+    assert scale_atlas.main(["--from", str(source), "--home", str(home), "--tiny"]) == 0
+    store = AtlasStore(home)
+    version = store.version(store.require_current())
+    synthetic = version.manifest["synthetic_scale"]
+    assert synthetic["cells"] == 3000 and synthetic["index"] == "ivf"
+    source_version = AtlasStore(source).version(AtlasStore(source).require_current())
+    assert version.path(NOVELTY).is_file() == source_version.path(NOVELTY).is_file()
+    cells = pd.read_parquet(version.path(CELLS), columns=["cell_id", "crop_path"])
+    assert len(cells) == 3000 and cells["cell_id"].is_unique and version.read_index().size == 3000
+    assert set(cells["crop_path"]) == set(source_version.read_cells()["crop_path"])
+    cell_id = cells["cell_id"].iat[2500]
+    with open_client(home) as client:
+        answer = client.get(f"/v1/cells/{cell_id}/reference-cells", params={"k": 8})
+        assert answer.status_code == 200, answer.text
+        references = [r["cell_id"] for r in answer.json()["references"]]
+        assert len(references) == 8 and cell_id not in references
+        assert client.get(f"/v1/cells/{cell_id}/image").status_code == 200
+    assert scale_atlas.main(["--from", str(source), "--home", str(home), "--tiny"]) == 2
+    assert "not empty" in capsys.readouterr().err

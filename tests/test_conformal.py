@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from atlas.calibration import Calibration, expected_calibration_error, fit_temperature
+from atlas.calibration import (
+    AUTO_LEVELS,
+    AUTO_MAX_FLAGGED,
+    AUTO_MISCLASSIFIED_FLAGGED,
+    Calibration,
+    check_coverage,
+    choose_coverage,
+    expected_calibration_error,
+    fit_temperature,
+)
 from atlas.classifier import CellClassifier, entropy_bits
 
 CLASSES = 5
@@ -126,7 +135,7 @@ def test_a_classifier_saved_before_calibration_loads_and_flags_by_entropy(tmp_pa
     np.testing.assert_allclose(predictions.probabilities, old.predict_proba(x), rtol=1e-6)  # not rescaled
 
 
-@pytest.mark.parametrize("coverage", [0, 0.3, 1, 1.5, -0.9])
+@pytest.mark.parametrize("coverage", [0, 0.3, 1, 1.5, -0.9, "abc", "", "0.99x", "nan", None])
 def test_a_coverage_outside_its_range_is_refused_with_a_message(coverage, tmp_path):
     from indexer.config import BuildConfig, BuildError
 
@@ -134,9 +143,135 @@ def test_a_coverage_outside_its_range_is_refused_with_a_message(coverage, tmp_pa
         BuildConfig(images=tmp_path, home=tmp_path, coverage=coverage)
 
 
-def test_build_cli_refuses_a_bad_coverage_before_building(tmp_path, capsys):
+@pytest.mark.parametrize("coverage", ["1", "abc", "0,99"])
+def test_build_cli_refuses_a_bad_coverage_before_building(coverage, tmp_path, capsys):
     from indexer.cli import main
 
-    assert main(["build", "--images", str(tmp_path), "--home", str(tmp_path / "h"), "--coverage", "1"]) == 2
-    assert "coverage must be" in capsys.readouterr().err
+    assert main(["build", "--images", str(tmp_path), "--home", str(tmp_path / "h"), "--coverage", coverage]) == 2
+    err = capsys.readouterr().err
+    assert "coverage must be 'auto' or a number" in err and "Traceback" not in err
     assert not (tmp_path / "h").exists()
+
+
+def test_coverage_is_auto_by_default_and_accepts_levels_given_as_text(tmp_path):
+    from indexer.config import BuildConfig
+
+    assert BuildConfig(images=tmp_path, home=tmp_path).coverage == "auto"
+    assert BuildConfig(images=tmp_path, home=tmp_path, coverage=" AUTO ").coverage == "auto"
+    assert BuildConfig(images=tmp_path, home=tmp_path, coverage="0.95").coverage == 0.95  # as the CLI passes it
+    assert check_coverage(0.99) == 0.99
+
+
+# -- "auto": the level chosen on the out-of-fold predictions --------------------------------------
+def probabilities_with_confusable_cells(n: int, rng: np.random.Generator, ambiguous: float = 0.06):
+    """Like a real cell classifier: most cells clearly one class, a share `ambiguous` of them
+    between their class and the next one (both signals equal); labels drawn from the
+    calibrated probabilities, so the errors sit among the ambiguous cells (about 98% accuracy
+    at 6%)."""
+    centre = rng.integers(0, CLASSES, n)
+    logits = rng.normal(0, 1.0, (n, CLASSES))
+    logits[np.arange(n), centre] += 9.0
+    hard = np.flatnonzero(rng.random(n) < ambiguous)
+    logits[hard, (centre[hard] + 1) % CLASSES] += 9.0
+    calibrated = softmax(logits, axis=1)
+    return calibrated, (calibrated.cumsum(1) > rng.random(n)[:, None]).argmax(1)
+
+
+def out_of_fold_rule(probabilities, labels, level) -> tuple[float, float]:
+    """Share flagged and share of the misclassified flagged by `level`'s sets on these cells."""
+    calibration = Calibration.fit(probabilities, labels, level)
+    flagged = calibration.prediction_sets(calibration.probabilities(probabilities)).sum(1) != 1
+    return float(flagged.mean()), float(flagged[probabilities.argmax(1) != labels].mean())
+
+
+def test_auto_coverage_is_the_lowest_level_meeting_its_rule_on_the_out_of_fold_cells():
+    rng = np.random.default_rng(4)
+    oof, oof_labels = probabilities_with_confusable_cells(6000, rng)
+    choice = choose_coverage(oof, oof_labels)
+    chosen = choice["chosen"]
+    assert choice["met"] and chosen in AUTO_LEVELS and chosen > AUTO_LEVELS[0]  # 99% would not do here
+    flagged, caught = out_of_fold_rule(oof, oof_labels, chosen)
+    assert flagged <= AUTO_MAX_FLAGGED and caught >= AUTO_MISCLASSIFIED_FLAGGED
+    assert choice["at_chosen"]["share_flagged"] == pytest.approx(flagged)
+    below = AUTO_LEVELS[AUTO_LEVELS.index(chosen) - 1]  # the level below fails the rule
+    flagged_below, caught_below = out_of_fold_rule(oof, oof_labels, below)
+    assert caught_below < AUTO_MISCLASSIFIED_FLAGGED or flagged_below > AUTO_MAX_FLAGGED
+    # and the promise holds on new cells of the same kind, at the level chosen
+    calibration = Calibration.fit(oof, oof_labels)  # "auto" is the default
+    assert calibration.coverage == chosen and calibration.summary["coverage_requested"] == "auto"
+    test, test_labels = probabilities_with_confusable_cells(20000, rng)
+    sets = calibration.prediction_sets(calibration.probabilities(test))
+    covered = sets[np.arange(len(test_labels)), test_labels].mean()
+    assert abs(covered - chosen) < 3.5 * np.sqrt(2 * chosen * (1 - chosen) / 6000)
+    flagged = sets.sum(1) != 1
+    assert flagged.mean() <= AUTO_MAX_FLAGGED + 0.02
+    assert flagged[test.argmax(1) != test_labels].mean() >= AUTO_MISCLASSIFIED_FLAGGED - 0.05
+
+
+def test_auto_coverage_says_what_it_chose_when_no_level_meets_the_rule():
+    rng = np.random.default_rng(5)
+    noisy = choose_coverage(*probabilities_with_confusable_cells(6000, rng, ambiguous=0.25))
+    assert not noisy["met"] and noisy["chosen"] == AUTO_LEVELS[0]  # every level flags > 10%: the floor
+    assert "every level flags more than 10%" in noisy["reason"]
+    # no confusable cells: the few errors are as sure as the right answers, no level catches them
+    clean = choose_coverage(*probabilities_with_confusable_cells(6000, rng, ambiguous=0.0))
+    assert not clean["met"] and "no level flags 80%" in clean["reason"]
+    within = [row["level"] for row in clean["levels"] if row["share_flagged"] <= AUTO_MAX_FLAGGED]
+    assert clean["chosen"] == within[-1]  # the most errors caught within the flag budget
+
+
+def test_auto_coverage_depends_on_the_out_of_fold_predictions_only(tmp_path):
+    import inspect
+
+    assert list(inspect.signature(choose_coverage).parameters) == ["probabilities", "labels"]
+    rng = np.random.default_rng(6)
+    oof, oof_labels = probabilities_with_confusable_cells(4000, rng)
+    calibration = Calibration.fit(oof, oof_labels)
+    before = json.dumps(calibration.to_dict())
+    # test-time cells, however different, neither move the level nor touch what was learned
+    for ambiguous in (0.0, 0.06, 0.5):
+        test, _ = probabilities_with_confusable_cells(3000, rng, ambiguous)
+        calibration.prediction_sets(calibration.probabilities(test))
+        calibration.prediction_sets(calibration.probabilities(test), "auto")
+    assert json.dumps(calibration.to_dict()) == before
+    assert Calibration.fit(oof, oof_labels).coverage == calibration.coverage  # the same cells, the same level
+    # the same holds for a classifier: fitted twice on the same cells, asked about other cells
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 150)
+    x = rng.normal(size=(450, 4)) + y[:, None] * 3.0
+    classifier = CellClassifier(n_estimators=20, threads=1).fit(x, y, ["a", "b", "c"])
+    chosen = classifier.calibration_.coverage
+    assert chosen in AUTO_LEVELS and classifier.calibration_.summary["coverage_choice"]["chosen"] == chosen
+    predictions = classifier.predict(rng.normal(size=(200, 4)) * 5)
+    assert predictions.coverage == chosen == classifier.calibration_.coverage
+    assert CellClassifier(n_estimators=20, threads=1).fit(x, y, ["a", "b", "c"]).calibration_.coverage == chosen
+    classifier.save(tmp_path / "c.json")
+    again = CellClassifier.load(tmp_path / "c.json")
+    assert again.calibration_.coverage == chosen and again.calibration_.summary["coverage_requested"] == "auto"
+
+
+def test_evaluate_reports_the_level_auto_chose_and_reads_classifiers_saved_before_it(tmp_path):
+    from indexer.evaluate import uncertainty
+
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 150)
+    x = rng.normal(size=(450, 4)) + y[:, None] * 2.0
+    classifier = CellClassifier(n_estimators=20, threads=1).fit(x, y, ["a", "b", "c"])
+    labels = np.array(["a", "b", "c"], dtype=object)[y]
+    report = uncertainty(classifier, classifier.predict_proba(x), labels)
+    chosen = classifier.calibration_.coverage
+    assert report["default_coverage"] == chosen and report["coverage_requested"] == "auto"
+    assert report["coverage_choice"]["chosen"] == chosen and f"{chosen:g}" in report["levels"]
+    # a sidecar written before "auto" existed (a fixed coverage, no choice) loads and reports it
+    classifier.save(tmp_path / "c.json")
+    sidecar = tmp_path / "c.json.classes.json"
+    saved = json.loads(sidecar.read_text())
+    saved["calibration"]["coverage"] = 0.99
+    for key in ("coverage_requested", "coverage_choice"):
+        del saved["calibration"]["summary"][key]
+    sidecar.write_text(json.dumps(saved))
+    old = CellClassifier.load(tmp_path / "c.json")
+    assert old.calibration_.coverage == 0.99 and old.predict(x).coverage == 0.99
+    report = uncertainty(old, old.predict_proba(x), labels)
+    assert report["default_coverage"] == 0.99 and report["coverage_requested"] == 0.99
+    assert "coverage_choice" not in report

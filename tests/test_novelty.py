@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from atlas.calibration import AUTO_LEVELS
 from atlas.novelty import NOVEL_MESSAGE, NoveltyScorer
+from atlas.reference import LoadedAtlas
 from atlas.search import LatentIndex
 from atlas.synthetic import synthetic_cell, write_synthetic_archive
 from tests.conftest import home_copy, open_client, tiny_config
 
-NOVELTY_CELLS_PER_CLASS = 25  # 100 archived cells: a p-value below 0.01 needs at least 99
+# 300 archived cells. A p-value below 0.01 needs at least 99; with the classifier's entropy
+# combined, a cell beyond the whole archive ties with the archive cells that are both far and
+# doubted (about one in n+1), so it needs a few hundred: 100 cells gave it 2/101.
+NOVELTY_CELLS_PER_CLASS = 75
 
 
 def test_a_point_far_from_the_archive_is_novel_and_one_from_it_is_not():
@@ -52,6 +57,87 @@ def test_the_scorer_survives_a_save(tmp_path):
     np.testing.assert_array_equal(again.reference_scores_, scorer.reference_scores_)
 
 
+def clustered_archive(rng: np.random.Generator, n: int):
+    """Three well-separated classes in 8-d, each cell with the entropy (bits) a confident
+    classifier gives it: mostly near 0, exponential with mean 0.1."""
+    centres = np.array([[4.0] * 8, [-4.0] * 8, [4.0] * 4 + [-4.0] * 4])
+    latents = (centres[rng.integers(0, 3, n)] + rng.normal(size=(n, 8))).astype(np.float32)
+    return latents, rng.exponential(0.1, n)
+
+
+def test_distance_combined_with_entropy_catches_an_unseen_class_the_distance_alone_misses():
+    rng = np.random.default_rng(3)
+    archive, entropy = clustered_archive(rng, 600)
+    index = LatentIndex.build(archive)
+    combined = NoveltyScorer(k=2).fit(index, archive, np.arange(600), entropy)
+    distance_only = NoveltyScorer(k=2).fit(index, archive, np.arange(600))
+    assert combined.combined and not distance_only.combined
+    assert combined.summary()["combined_with"] and distance_only.summary()["combined_with"] is None
+    np.testing.assert_array_equal(combined.reference_scores_, distance_only.reference_scores_)
+
+    def p_values(scorer, latents, entropies):
+        return scorer.p_values([scorer.score(index, row[None]) for row in latents], entropies)
+
+    # known classes, new cells: exchangeable with the archive, so p < 0.05 about 5% of the time
+    known, known_entropy = clustered_archive(rng, 1000)
+    assert 0.02 < (p_values(combined, known, known_entropy) < 0.05).mean() < 0.09
+    assert (p_values(combined, known, known_entropy) < 0.01).mean() < 0.03
+    # an unseen class the embedding places at the edge of a known one, where the classifier
+    # hesitates (0.8-1.2 bits; the archive's cells almost never do)
+    unseen = (np.full(8, 4.0) + 1.0 + rng.normal(size=(200, 8))).astype(np.float32)
+    unseen_entropy = rng.uniform(0.8, 1.2, 200)
+    assert (p_values(distance_only, unseen, None) < 0.01).mean() < 0.2  # distance alone misses most
+    assert (p_values(combined, unseen, unseen_entropy) < 0.01).mean() > 0.8
+    # without the cell's entropy the combined scorer answers by distance, as before
+    np.testing.assert_array_equal(p_values(combined, unseen, None), p_values(distance_only, unseen, None))
+    # a cell far from every class is still novel however sure the classifier is
+    far = combined.novelty(combined.score(index, np.full((1, 8), 12.0, np.float32)), entropy_bits=0.0)
+    assert far.novel and far.message == NOVEL_MESSAGE
+
+
+def test_evaluate_ranks_an_unseen_class_by_the_combined_statistic():
+    from types import SimpleNamespace
+
+    from indexer.evaluate import novelty
+
+    rng = np.random.default_rng(5)
+    archive, entropy = clustered_archive(rng, 400)
+    index = LatentIndex.build(archive)
+    known, known_entropy = clustered_archive(rng, 200)
+    unseen = (np.full(8, 4.0) + 1.0 + rng.normal(size=(50, 8))).astype(np.float32)
+    latents = np.vstack([known, unseen])
+    labels = np.array(["known"] * 200 + ["unseen"] * 50, dtype=object)
+    entropies = np.r_[known_entropy, rng.uniform(0.8, 1.2, 50)]
+    reports = {}
+    for name, fitted_entropy in (("distance", None), ("combined", entropy)):
+        atlas = SimpleNamespace(index=index, classes=["known"],
+                                novelty_scorer=NoveltyScorer().fit(index, archive, np.arange(400), fitted_entropy))
+        reports[name] = novelty(atlas, latents, labels, entropies)
+    assert reports["combined"]["combined_with_entropy"] and not reports["distance"]["combined_with_entropy"]
+    combined, distance = (reports[n]["unknown_classes"]["unseen"] for n in ("combined", "distance"))
+    assert combined["auroc"] > 0.95 and combined["auroc"] > distance["auroc"] + 0.1
+    assert combined["share_flagged_at_5pct_false_alarms"] > distance["share_flagged_at_5pct_false_alarms"]
+
+
+def test_the_combined_scorer_survives_a_save_and_an_older_scorer_loads_as_distance_only(tmp_path):
+    rng = np.random.default_rng(4)
+    archive, entropy = clustered_archive(rng, 200)
+    index = LatentIndex.build(archive)
+    scorer = NoveltyScorer().fit(index, archive, np.arange(200), entropy)
+    scorer.save(tmp_path / "n.npz")
+    again = NoveltyScorer.load(tmp_path / "n.npz")
+    assert again.combined
+    np.testing.assert_array_equal(again.reference_combined_, scorer.reference_combined_)
+    query = [scorer.score(index, archive[:1] + 0.5)]
+    assert again.p_values(query, [1.0]) == scorer.p_values(query, [1.0])
+    distance_only = NoveltyScorer().fit(index, archive, np.arange(200))
+    np.savez(tmp_path / "old.npz", reference_scores=distance_only.reference_scores_, k=2, level=0.01)  # as before
+    old = NoveltyScorer.load(tmp_path / "old.npz")
+    assert not old.combined and old.p_values(query, [1.0]) == distance_only.p_values(query)
+    with pytest.raises(ValueError, match="one per archived cell"):
+        NoveltyScorer().fit(index, archive, np.arange(200), entropy[:10])
+
+
 @pytest.fixture(scope="module")
 def novelty_atlas(tmp_path_factory):
     from indexer.build import build
@@ -88,7 +174,8 @@ def test_reference_cells_answers_carry_novelty_and_the_prediction_set(novelty_at
         assert upload.status_code == 200, upload.text
         body = upload.json()
         assert body["novelty"]["novel"] is True and body["novelty"]["message"] == NOVEL_MESSAGE
-        assert body["prediction"]["coverage"] == 0.99
+        chosen = LoadedAtlas.open(novelty_atlas).classifier.calibration_.coverage  # "auto": chosen out-of-fold
+        assert chosen in AUTO_LEVELS and body["prediction"]["coverage"] == chosen
         assert body["prediction"]["label"] in body["prediction"]["prediction_set"]  # 25 a class: none ruled out
         assert body["prediction"]["flagged"] is (len(body["prediction"]["prediction_set"]) != 1)
         cell_id = client.get("/v1/cells", params={"limit": 1}).json()["items"][0]["cell_id"]
@@ -136,7 +223,9 @@ def test_evaluate_reports_coverage_calibration_and_novelty_of_a_left_out_class(t
 
     report = evaluate(tmp_path / "home", test, rotmes_per_class=0, progress=False)
     uncertainty = report["uncertainty"]
-    assert uncertainty["calibrated"] and set(uncertainty["levels"]) == {"0.95", "0.99"}
+    assert uncertainty["coverage_requested"] == "auto" and uncertainty["default_coverage"] in AUTO_LEVELS
+    assert uncertainty["calibrated"] and set(uncertainty["levels"]) == {"0.95", "0.99",
+                                                                        f"{uncertainty['default_coverage']:g}"}
     for level in uncertainty["levels"].values():
         assert 0 <= level["coverage"] <= 1 and level["mean_set_size"] >= 0
         assert set(level["per_class"]) == {"neutrophil", "lymphocyte", "monocyte"}  # the known classes

@@ -209,3 +209,87 @@ def test_the_cli_query_takes_a_scale(built_atlas, tmp_path, capsys, cell):
     assert main(["query", str(path), "--home", str(built_atlas[0]), "--k", "2",
                  "--um-per-pixel", str(OTHER_SCALE), "--json"]) == 0
     assert '"nucleus_area_um2"' in capsys.readouterr().out
+
+
+# -- builds and additions that mix acquisitions ------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Class folders at the atlas's 0.1 um/px, and a `siteB` folder inside one class holding the
+    same kind of cells as a 0.157 um/px scanner takes them."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(11)
+    cells = {}
+    for label in ("lymphocyte", "neutrophil"):
+        (root / label).mkdir()
+        for i in range(3):
+            image = synthetic_cell(label, rng)
+            Image.fromarray(image).save(root / label / f"{i}.png")
+            cells[(label, i)] = image
+    (root / "lymphocyte" / "siteB").mkdir()
+    for i in range(3):
+        Image.fromarray(at_scale(cells[("lymphocyte", i)], OTHER_SCALE)).save(root / "lymphocyte" / "siteB" / f"{i}.png")
+    return root
+
+
+def _prepared(root, folder_scales):
+    from atlas.ingest import list_images
+    from atlas.scale import at_folder_scales
+    from indexer.config import BuildConfig
+    from indexer.steps import prepare_images
+
+    records = at_folder_scales(list_images(root), root, folder_scales)
+    config = BuildConfig(images=root, home=root.parent / f"home-{len(folder_scales)}", preset="tiny", threads=1,
+                         progress=False)
+    return prepare_images(records, load_segmenter(None, 0.1), config).cells
+
+
+def test_a_build_resamples_the_images_of_a_folder_at_another_scale(mixed_folder):
+    cells = _prepared(mixed_folder, {"siteB": OTHER_SCALE})
+    own = cells[~cells["source_path"].str.contains("siteB")]
+    site = cells[cells["source_path"].str.contains("siteB")]
+    assert len(site) == 3 and (site["um_per_pixel"] == OTHER_SCALE).all() and own["um_per_pixel"].isna().all()
+    originals = cells[cells["source_path"].str.contains("lymphocyte/[0-9]", regex=True)]
+    for (_, a), (_, b) in zip(originals.sort_values("source_path").iterrows(), site.sort_values("source_path").iterrows()):
+        assert max(relative_differences(a, b).values()) < SIZE_TOLERANCE
+    unscaled = _prepared(mixed_folder, {})
+    wrong = unscaled[unscaled["source_path"].str.contains("siteB")]["nucleus_area_um2"].to_numpy()
+    assert (wrong < 0.6 * site["nucleus_area_um2"].to_numpy()).all()  # without the scale: about 0.4 of the truth
+
+
+def test_a_folder_scale_that_names_no_images_is_refused(mixed_folder, tmp_path, capsys):
+    code = main(["build", "--images", str(mixed_folder), "--home", str(tmp_path / "h"),
+                 "--um-per-pixel", "siteC=0.157", "--preset", "tiny"])
+    assert code == 2 and "siteC" in capsys.readouterr().err
+    assert main(["build", "--images", str(mixed_folder), "--home", str(tmp_path / "h"),
+                 "--um-per-pixel", "siteB=0"]) == 2
+    assert "um_per_pixel must be between" in capsys.readouterr().err
+    assert main(["build", "--images", str(mixed_folder), "--home", str(tmp_path / "h"),
+                 "--um-per-pixel", "0.1", "--um-per-pixel", "0.2"]) == 2
+    assert "once" in capsys.readouterr().err
+
+
+def test_an_add_at_another_scale_resamples_and_a_rebuild_keeps_the_scale(built_atlas, tmp_path):
+    from atlas.catalog import Catalog
+    from atlas.features import FEATURE_NAMES
+    from atlas.store import AtlasStore
+    from indexer.add import add
+    from indexer.rebuild import archive_records
+    from tests.conftest import home_copy
+
+    home = home_copy(built_atlas[0], tmp_path)
+    rng = np.random.default_rng(21)
+    originals = [synthetic_cell("lymphocyte", rng) for _ in range(2)]
+    (tmp_path / "new").mkdir()
+    for i, image in enumerate(originals):
+        Image.fromarray(at_scale(image, OTHER_SCALE)).save(tmp_path / "new" / f"{i}.png")
+    result = add(home, tmp_path / "new", um_per_pixel=OTHER_SCALE, threads=1, progress=False)
+    cells = AtlasStore(home).version(result.version).read_cells()
+    added = cells[cells["source_path"].str.startswith(str(tmp_path / "new"))].sort_values("source_path")
+    assert len(added) == 2 and (added["um_per_pixel"] == OTHER_SCALE).all()
+    segmenter = load_segmenter(None, 0.1)
+    for (_, row), image in zip(added.iterrows(), originals):
+        truth = dict(zip(FEATURE_NAMES, prepare_cells(image, segmenter, 0.1)[0].features))
+        assert max(relative_differences(truth, row).values()) < SIZE_TOLERANCE
+    records = {str(r.path): r.um_per_pixel for r in archive_records(cells, Catalog(home))}
+    assert {records[p] for p in added["source_path"]} == {OTHER_SCALE}
+    assert {records[p] for p in cells["source_path"] if p not in set(added["source_path"])} == {None}

@@ -57,6 +57,25 @@ def parse_scales(values: list[str] | None) -> float | dict[str, float] | None:
     return named
 
 
+def build_scales(values: list[str] | None) -> tuple[float | None, dict[str, float]]:
+    """A build's --um-per-pixel: at most one plain X (the atlas's scale and its images') and any
+    number of FOLDER=X (the images under that folder, resampled to the atlas's scale)."""
+    plain, folders = [], {}
+    for value in values or []:
+        folder, _, number = value.rpartition("=")
+        try:
+            scale = float(number)
+        except ValueError:
+            raise ValueError(f"--um-per-pixel must be X or FOLDER=X (a number of um per pixel), got {value!r}") from None
+        if folder:
+            folders[folder] = scale
+        else:
+            plain.append(scale)
+    if len(plain) > 1:
+        raise ValueError("give the atlas's --um-per-pixel X once; other folders as FOLDER=X")
+    return (plain[0] if plain else None), folders
+
+
 def read_file(path: str) -> bytes:
     try:
         return Path(path).read_bytes()

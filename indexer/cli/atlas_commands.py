@@ -8,14 +8,19 @@ import json
 from pathlib import Path
 
 from indexer import report
-from indexer.cli.args import positive_float, positive_int, som_shape
+from indexer.cli.args import build_scales, positive_float, positive_int, som_shape
 
 SCALE_HELP = "the images' scale (default: the atlas's); they are resampled to the atlas's scale"
 
 
 def add_commands(sub) -> None:
     from atlas.backbone import PRESETS
-    from atlas.calibration import DEFAULT_COVERAGE
+    from atlas.calibration import (
+        AUTO_LEVELS,
+        AUTO_MAX_FLAGGED,
+        AUTO_MISCLASSIFIED_FLAGGED,
+        DEFAULT_COVERAGE,
+    )
     from atlas.classifier import DEFAULT_FLAG_BITS
     from atlas.reference import METHODS
 
@@ -30,10 +35,14 @@ def add_commands(sub) -> None:
     p.add_argument("--flag-entropy", default=str(DEFAULT_FLAG_BITS),
                    help="entropy (bits) above which a prediction is flagged when the classifier has no "
                         "prediction sets (atlases built before them), or 'auto' (default 1.3)")
-    p.add_argument("--coverage", type=float, default=DEFAULT_COVERAGE,
-                   help="prediction sets hold the true class this often (default 0.99); a cell is flagged "
-                        "when its set holds more than one class or none")
-    p.add_argument("--um-per-pixel", type=positive_float, default=0.1, help="image scale (default 0.1)")
+    p.add_argument("--coverage", default=DEFAULT_COVERAGE,
+                   help=f"prediction sets hold the true class this often, e.g. 0.99, or 'auto' (default): the "
+                        f"lowest level from {AUTO_LEVELS[0]:g} up whose out-of-fold sets flag "
+                        f"{AUTO_MISCLASSIFIED_FLAGGED * 100:.0f}%% of the misclassified cells with at most "
+                        f"{AUTO_MAX_FLAGGED * 100:.0f}%% flagged; a cell is flagged when its set holds more than one class or none")
+    p.add_argument("--um-per-pixel", action="append", metavar="X or FOLDER=X",
+                   help="the atlas's scale (default 0.1 um per pixel); repeat as FOLDER=X for images of "
+                        "another acquisition under FOLDER (relative to --images), resampled to the atlas's")
     p.add_argument("--segmenter", metavar="MODEL",
                    help="a trained segmenter folder (cellatlas segmenter train); default: classical thresholds")
     p.add_argument("--seed", type=int, default=0)
@@ -42,6 +51,7 @@ def add_commands(sub) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="start from public weights (preset xception41; needs network access)")
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    _engine_arguments(p)
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("rebuild", help="publish a new version of the live atlas with the label corrections")
@@ -64,6 +74,7 @@ def add_commands(sub) -> None:
     p.add_argument("--um-per-pixel", type=positive_float, help=SCALE_HELP)
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
+    _engine_arguments(p)
     p.set_defaults(run=cmd_add)
 
     p = sub.add_parser("query", help="reference cells and prediction for one image "
@@ -115,20 +126,49 @@ def add_commands(sub) -> None:
     p.set_defaults(run=cmd_demo)
 
 
+def _engine_arguments(p) -> None:
+    g = p.add_argument_group("engine (where the per-cell stages run)")
+    g.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (default): this machine; ray: a Ray cluster (pip install 'cellatlas[ray]')")
+    g.add_argument("--ray-address", help="a running Ray cluster (host:6379, ray://host:10001 or auto); "
+                                         "default: start Ray on this machine for the job")
+    g.add_argument("--ray-workers", type=positive_int, help="actors per stage (default: cluster CPUs / CPUs per worker)")
+    g.add_argument("--ray-cpus-per-worker", type=positive_float, default=1.0)
+    g.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="> 0: embedding actors use a GPU")
+
+
+def _open_engine(args, threads: int | None):
+    from atlas.runtime import default_threads
+    from indexer.config import BuildError
+    from indexer.engines import RayOptions, open_engine
+
+    if args.engine == "local" and (args.ray_address or args.ray_workers):
+        raise BuildError("--ray-address and --ray-workers need --engine ray")
+    if args.ray_gpus_per_worker < 0:
+        raise BuildError("--ray-gpus-per-worker must be 0 or more")
+    return open_engine(args.engine, threads or default_threads(),
+                       RayOptions(args.ray_address, args.ray_workers, args.ray_cpus_per_worker, args.ray_gpus_per_worker))
+
+
 def cmd_build(args) -> int:
+    from atlas.cell import REFERENCE_UM_PER_PIXEL
     from indexer.build import build
     from indexer.config import BuildConfig
+
+    scale, folder_scales = build_scales(args.um_per_pixel)
 
     config = BuildConfig(
         images=Path(args.images), home=Path(args.home), preset=args.preset, epochs=args.epochs,
         latent_dim=args.latent_dim, som_shape=som_shape(args.som_shape), som_epochs=args.som_epochs,
         flag_entropy=args.flag_entropy if args.flag_entropy == "auto" else float(args.flag_entropy),
         coverage=args.coverage,
-        um_per_pixel=args.um_per_pixel, segmenter=args.segmenter, seed=args.seed, device=args.device,
+        um_per_pixel=scale if scale is not None else REFERENCE_UM_PER_PIXEL, folder_scales=folder_scales,
+        segmenter=args.segmenter, seed=args.seed, device=args.device,
         pretrained=args.pretrained, progress=not args.quiet,
         **({"threads": args.threads} if args.threads else {}),
     )
-    result = build(config)
+    with _open_engine(args, config.threads) as engine:
+        result = build(config, engine=engine)
     if args.quiet:
         print(result.version)
     return 0
@@ -146,8 +186,9 @@ def cmd_rebuild(args) -> int:
 def cmd_add(args) -> int:
     from indexer.add import add
 
-    result = add(Path(args.home), Path(args.images), label_from_folders=args.label_from_folders,
-                 um_per_pixel=args.um_per_pixel, threads=args.threads, progress=not args.quiet)
+    with _open_engine(args, args.threads) as engine:
+        result = add(Path(args.home), Path(args.images), label_from_folders=args.label_from_folders,
+                     um_per_pixel=args.um_per_pixel, threads=args.threads, progress=not args.quiet, engine=engine)
     if args.quiet:
         print(result.version)
     return 0

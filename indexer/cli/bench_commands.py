@@ -1,4 +1,4 @@
-"""`cellatlas bench som|search|dedup`: the benchmarks of bench/ (issue #15), each with its peers
+"""`cellatlas bench som|search|dedup|index|ray`: the benchmarks of bench/ (issue #15), each with its peers
 in the same run, a short table and `--out FILE.json`; `--tiny` runs one in seconds.
 
 The benchmarks live in the repository's `bench/` folder beside the packages (they need peers
@@ -16,11 +16,13 @@ BENCHMARKS = {
     "som": "CellAtlas's batch SOM against somoclu and MiniSom (244x244 map, 61,710 x 50)",
     "search": "exact, IVF and HNSW search at 100k and 1M latents: latency, recall@8, memory",
     "dedup": "every pair of 1M average hashes within 2 bits, against the naive all-pairs scan",
+    "index": "cells per second of each indexing step and end to end, against a plain single-process loop",
+    "ray": "the per-cell stages on the local and the Ray engine, 1 and 2 workers: cells/s, fixed and driver costs",
 }
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark against its peers (som, search, dedup)",
+    p = sub.add_parser("bench", help="run a benchmark against its peers (som, search, dedup, index, ray)",
                        description="; ".join(f"{name}: {text}" for name, text in BENCHMARKS.items()))
     p.add_argument("benchmark", choices=sorted(BENCHMARKS))
     p.add_argument("options", nargs=argparse.REMAINDER,
