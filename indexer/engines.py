@@ -161,6 +161,7 @@ class RayEngine(LocalEngine):
             _Embed, fn_constructor_args=(backbone, vae, self._actor_threads()), batch_size=EMBED_BATCH,
             batch_format="numpy", compute=self._pool(), num_cpus=self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker or None)
+
         def rows() -> Iterator[np.ndarray]:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 yield from batch["out"]
