@@ -108,12 +108,12 @@ class NoveltyScorer:
         """Each archived cell's score (or those of `rows`) against the rest of the archive (its
         duplicates left out)."""
         rows = np.arange(len(latents)) if rows is None else np.asarray(rows)
+        neighbours = latent_neighbours(index, latents, duplicate_groups, self.k, rows)
         scores = np.empty(len(rows))
         for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start : start + _CHUNK]
-            neighbours = latent_neighbours(index, latents, duplicate_groups, self.k, chunk)
-            found = neighbours >= 0
-            squared = ((latents[neighbours.clip(0)] - latents[chunk, None, :]) ** 2).mean(-1)
+            found_rows = neighbours[start : start + _CHUNK]
+            found = found_rows >= 0
+            squared = ((latents[found_rows.clip(0)] - latents[rows[start : start + _CHUNK], None, :]) ** 2).mean(-1)
             scores[start : start + _CHUNK] = np.where(found, squared, 0).sum(1) / np.maximum(found.sum(1), 1)
         return scores
 

@@ -63,10 +63,11 @@ def at_folder_scales(records: list[ImageRecord], root: Path | str, folder_scales
     if not folder_scales:
         return records
     wanted = {tuple(Path(folder).parts): check_um_per_pixel(x) for folder, x in folder_scales.items()}
+    root = Path(root).resolve()
     used: set[tuple[str, ...]] = set()
     out = []
     for record in records:
-        parts = Path(record.path).resolve().relative_to(Path(root).resolve()).parts[:-1]
+        parts = Path(record.path).resolve().relative_to(root).parts[:-1]
         runs = [key for key in wanted if any(parts[i : i + len(key)] == key for i in range(len(parts)))]
         if not runs:
             out.append(record)

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from atlas.archive import Archive, cell_row, save_crop
@@ -38,8 +37,6 @@ from atlas.cell import SegmentationError
 from atlas.classifier import CellClassifier, Predictions, classifier_input
 from atlas.crop import model_input
 from atlas.dedup import find_duplicates
-from atlas.features import FEATURE_NAMES
-from atlas.files import save_image_atomic
 from atlas.ingest import ImageReadError, ImageRecord, Rejection, content_hash, read_image_bytes
 from atlas.labels import corrected_labels
 from atlas.novelty import NoveltyScorer
@@ -51,7 +48,6 @@ from atlas.scale import to_scale
 from atlas.segmentation import Segmenter
 from atlas.som import BatchSOM, grid_shape_for, standard_scale
 from atlas.vae import VAE
-from atlas.version import crop_path, mask_path
 from indexer.config import BuildConfig, BuildError
 
 
@@ -123,20 +119,9 @@ class ImageWork:
         out = []
         for cell in prepared:
             cell_id = f"{sha[:16]}-{cell.index}"
-            relative = crop_path(self.segmenter.name, cell_id)
-            target = Path(self.home) / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                save_image_atomic(Image.fromarray(cell.crop.image), target, quality=92)
-                save_image_atomic(Image.fromarray(cell.crop.mask), mask_path(target))
-            r0, c0, r1, c1 = cell.crop.bbox
-            row = {"cell_id": cell_id, "source_path": os.path.abspath(path), "source_sha256": sha,
-                   "cell_index": cell.index, "label": label, "um_per_pixel": um_per_pixel,
-                   "bbox": [r0, c0, r1, c1], "crop_path": relative,
-                   "ahash": f"{cell.ahash:016x}", "fine_hash": cell.fine_hash,
-                   "segment_ms": round(cell.segment_ms, 2),
-                   **{name: float(v) for name, v in zip(FEATURE_NAMES, cell.features)}}
-            out.append((row, model_input([cell.crop], self.input_size)[0]))
+            crop = save_crop(self.home, self.segmenter.name, cell_id, cell)
+            row = _unplaced(cell_row(cell_id, cell, os.path.abspath(path), sha, label, crop))
+            out.append(({**row, "um_per_pixel": um_per_pixel}, model_input([cell.crop], self.input_size)[0]))
         return out
 
 
@@ -173,12 +158,18 @@ def prepare_archived(archive: Archive, archived: list[dict], segmenter: Segmente
         crop = save_crop(config.home, segmenter.name, entry["cell_id"], prepared)
         row = cell_row(entry["cell_id"], prepared, str(Path(config.home) / entry["image_path"]),
                        entry["cell"]["source_sha256"], entry["label"], crop)
-        rows.append({key: row[key] for key in row if key not in ("folder_label", "duplicate_group", "split")})
+        rows.append(_unplaced(row))
         crops.append(model_input([prepared.crop], input_size)[0])
     columns = None if rows else ["cell_id", "label", "source_sha256", "ahash", "fine_hash", "source_path"]
     return PreparedImages(pd.DataFrame(rows, columns=columns),
                           np.stack(crops) if crops else np.zeros((0, input_size, input_size, 3), np.uint8),
                           rejections)
+
+
+def _unplaced(row: dict) -> dict:
+    """A cell's row as the prepare step gives it: without what the job decides later (its
+    folder label, duplicate group and split)."""
+    return {key: value for key, value in row.items() if key not in ("folder_label", "duplicate_group", "split")}
 
 
 def with_archive(prepared: PreparedImages, archive: Archive, segmenter: Segmenter, config: BuildConfig,

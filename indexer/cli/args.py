@@ -42,11 +42,7 @@ def parse_scales(values: list[str] | None) -> float | dict[str, float] | None:
         return None
     named = {}
     for value in values:
-        name, _, number = value.rpartition("=")
-        try:
-            scale = float(number)
-        except ValueError:
-            raise ValueError(f"--um-per-pixel must be a number or SET=NUMBER, got {value!r}") from None
+        name, scale = _named_scale(value, "SET")
         if not scale > 0:
             raise ValueError(f"--um-per-pixel must be positive, got {value!r}")
         if not name and len(values) == 1:
@@ -62,11 +58,7 @@ def build_scales(values: list[str] | None) -> tuple[float | None, dict[str, floa
     number of FOLDER=X (the images under that folder, resampled to the atlas's scale)."""
     plain, folders = [], {}
     for value in values or []:
-        folder, _, number = value.rpartition("=")
-        try:
-            scale = float(number)
-        except ValueError:
-            raise ValueError(f"--um-per-pixel must be X or FOLDER=X (a number of um per pixel), got {value!r}") from None
+        folder, scale = _named_scale(value, "FOLDER")
         if folder:
             folders[folder] = scale
         else:
@@ -74,6 +66,15 @@ def build_scales(values: list[str] | None) -> tuple[float | None, dict[str, floa
     if len(plain) > 1:
         raise ValueError("give the atlas's --um-per-pixel X once; other folders as FOLDER=X")
     return (plain[0] if plain else None), folders
+
+
+def _named_scale(value: str, name: str) -> tuple[str, float]:
+    """One --um-per-pixel value, X or NAME=X, as (NAME or "", X)."""
+    prefix, _, number = value.rpartition("=")
+    try:
+        return prefix, float(number)
+    except ValueError:
+        raise ValueError(f"--um-per-pixel must be a number or {name}=NUMBER (um per pixel), got {value!r}") from None
 
 
 def read_file(path: str) -> bytes:
