@@ -83,27 +83,51 @@ class LiveAtlas:
 
 
 class CatalogReading:
-    """A value read from the catalogue (`read()`), read again at most once per `refresh_s`
-    (changes made by other processes show within that time); `changed()` makes the next `get()`
-    read it again (a change made in this process shows at once)."""
+    """A value read from the catalogue (`read()`) and read again about once per `refresh_s`, in
+    the background: a request gets the value at hand and never waits for the catalogue, except
+    for the first read and the one after `changed()` (a change made in this process shows at
+    once). Other processes' changes show within about `refresh_s` plus one read. Each read
+    opens the catalogue (about 18 ms): made by requests, they were the slowest 1% of
+    archived-cell lookups (p99 25 ms against a p50 of 5)."""
 
     def __init__(self, read, refresh_s: float = 1.0):
         self.read = read
         self.refresh_s = refresh_s
         self._value = None
+        self._fresh = False  # False: the next get() reads now (never read, or changed here)
+        self._generation = 0  # changed() counts up; a background read from before it is dropped
         self._next_refresh = 0.0
+        self._refreshing = False
         self._lock = threading.Lock()
 
     def get(self):
         with self._lock:
-            if time.monotonic() >= self._next_refresh:
+            if not self._fresh:
                 self._value = self.read()
+                self._fresh = True
                 self._next_refresh = time.monotonic() + self.refresh_s
+            elif time.monotonic() >= self._next_refresh and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, args=(self._generation,), daemon=True,
+                                 name="catalogue-refresh").start()
             return self._value
+
+    def _refresh(self, generation: int) -> None:
+        try:
+            value, failed = self.read(), False
+        except Exception:  # a background thread: log it and keep the value at hand
+            log.exception("reading the catalogue failed; the value at hand is kept")
+            value, failed = None, True
+        with self._lock:
+            if not failed and generation == self._generation:
+                self._value = value
+            self._next_refresh = time.monotonic() + self.refresh_s
+            self._refreshing = False
 
     def changed(self) -> None:
         with self._lock:
-            self._next_refresh = 0.0
+            self._fresh = False
+            self._generation += 1
 
 
 class CorrectionLog:

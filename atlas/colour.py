@@ -19,5 +19,6 @@ def lab_image(image: np.ndarray) -> np.ndarray:
 def background_colour(image: np.ndarray) -> np.ndarray:
     """Median colour of the brightest third of pixels: the empty glass between cells."""
     pixels = image.reshape(-1, 3)
-    brightness = pixels.sum(1)
+    # R + G + B (at most 765) in 16 bits: numpy's sum(1) of uint8 works in 64 bits, 20 times slower
+    brightness = pixels[:, 0].astype(np.uint16) + pixels[:, 1] + pixels[:, 2]
     return np.median(pixels[brightness >= np.quantile(brightness, 2 / 3)], axis=0).astype(np.uint8)

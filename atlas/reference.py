@@ -72,6 +72,9 @@ class LoadedAtlas:
         self.index = self.files.read_index()
         self.som, self.u_matrix = self.files.read_som()
         self.embedder = self.files.read_embedder(device="auto")
+        # One blank cell through the models now, so that the first upload does not pay for
+        # folding the backbone's batch norms and torch's first pass.
+        self.embedder.embed_inputs(np.zeros((1, self.embedder.input_size, self.embedder.input_size, 3), np.uint8))
         self.classifier = self.files.read_classifier()
         self.novelty_scorer = self.files.read_novelty()
         self.classes = list(self.classifier.classes_)

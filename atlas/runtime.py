@@ -25,3 +25,29 @@ def default_threads() -> int:
     """All cores this process may use: on 2 cores, 2 torch threads train 1.5x faster than 1
     (measured: 47 s vs 69 s per epoch of the cpu preset on 7,500 cells)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# glibc malloc: allocations above this size come from the heap instead of fresh mmap()s, and up
+# to TRIM bytes freed at the heap's top are kept for reuse instead of returned to the kernel.
+# By default every forward pass's activations (tens of MB) were mapped, page-faulted in zeroed
+# and unmapped again: embedding 400 PBC crops on 2 threads took 15 s user + 9.5 s system time;
+# with these 14.6 s + 0.7 s, 26.7 -> 41.5 cells/s (the same latents).
+MALLOC_MMAP_THRESHOLD = 256 * 2**20
+MALLOC_TRIM_THRESHOLD = 2**30
+
+
+def keep_freed_memory() -> bool:
+    """Make this process's malloc reuse freed memory (see MALLOC_MMAP_THRESHOLD); inherited by
+    forked worker processes. True when applied (glibc); elsewhere nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))

@@ -159,7 +159,7 @@ def _manifest(config, records, cells, rejections, segmenter_name, segmenter_path
         "counts_by_class": counts_by_class(cells["label"]),
         "corrections": corrections,
         "duplicates": duplicates,
-        "backbone": {"history": backbone.history_, "feature_dim": backbone.feature_dim},
+        "backbone": {"epochs": len(backbone.history_), "history": backbone.history_, "feature_dim": backbone.feature_dim},
         "vae": {"final": vae.history_[-1] if vae.history_ else None, "whiten_dim": vae.whiten_dim,
                 "whitened_components": None if vae.projection_ is None else int(vae.projection_.shape[1])},
         "som": {"rows": som.rows, "cols": som.cols, "epochs": config.som_epochs,

@@ -33,6 +33,7 @@ import torch
 from atlas.backbone import Backbone
 from atlas.embedder import Embedder
 from atlas.progress import progress
+from atlas.runtime import keep_freed_memory
 from atlas.search import LatentIndex, empty_index
 from atlas.som import BatchSOM
 from atlas.vae import VAE
@@ -233,6 +234,7 @@ class _Prepare:
 
     def __init__(self, work: ImageWork, threads: int):
         torch.set_num_threads(threads)
+        keep_freed_memory()
         self.work = work
 
     def __call__(self, batch: dict) -> dict:
@@ -246,6 +248,7 @@ class _Embed:
 
     def __init__(self, backbone: bytes, vae: bytes | None, threads: int):
         torch.set_num_threads(threads)
+        keep_freed_memory()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = Backbone.load(io.BytesIO(backbone), device=device)
         self.vae = VAE.load(io.BytesIO(vae), device=device) if vae is not None else None

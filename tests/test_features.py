@@ -153,6 +153,31 @@ def test_two_level_region_has_known_first_order_statistics():
     assert values["nucleus_grey_skewness"] == pytest.approx(0.0, abs=0.05)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_first_order_statistics_are_scipys(seed):
+    """Skewness, kurtosis and entropy are computed in numpy (scipy's wrappers were a quarter
+    of describing a cell); they must be scipy.stats' definitions."""
+    from scipy import stats
+
+    from atlas.features import _first_order, _skewness_kurtosis
+
+    rng = np.random.default_rng(seed)
+    grey = rng.gamma(2.0 + seed, 20.0, size=500 + 300 * seed).clip(0, 255).astype(np.uint8)
+    values = grey.astype(np.float64)
+    first = _first_order(grey)
+    assert first["skewness"] == pytest.approx(stats.skew(values), rel=1e-9)
+    assert first["kurtosis"] == pytest.approx(stats.kurtosis(values, fisher=False), rel=1e-9)
+    histogram = np.bincount(grey, minlength=256) / grey.size
+    assert first["entropy_bits"] == pytest.approx(stats.entropy(histogram, base=2), rel=1e-9)
+    local = rng.normal(5, 2, 300) ** 2
+    moments = _skewness_kurtosis(local)
+    assert moments["skewness"] == pytest.approx(stats.skew(local), rel=1e-9)
+    assert moments["kurtosis"] == pytest.approx(stats.kurtosis(local, fisher=False), rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert np.isnan(stats.skew(np.full(9, 3.3))) and np.isnan(_skewness_kurtosis(np.full(9, 3.3))["skewness"])
+
+
 def test_checkerboard_region_has_known_glcm_and_local_std():
     # A 1-px checkerboard of grey 96 and 200 (32-level bins 12 and 25) in a square nucleus; the
     # background outside it is black and must not count. At 0.2 um/px the GLCM distance

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas.backbone import Backbone, BackboneError, dihedral_views
+from atlas.backbone import PRESETS, Backbone, BackboneError, dihedral_views, fold_batch_norms
 from atlas.cell import NUCLEUS
 from atlas.classifier import CellClassifier, choose_flag_threshold, classifier_input, entropy_bits
 from atlas.crop import canonical_orientation
@@ -45,6 +45,44 @@ def test_backbone_save_load_gives_the_same_embedding(tiny_backbone, tmp_path):
     backbone.save(tmp_path / "b.pt")
     again = Backbone.load(tmp_path / "b.pt", device="cpu")
     np.testing.assert_allclose(again.embed(images[:3]), backbone.embed(images[:3]), atol=1e-5)
+
+
+def test_folded_batch_norms_give_the_eager_models_features(tiny_backbone):
+    """Embedding runs a copy with each batch norm folded into its convolution: no batch norm
+    is left, the model being trained is untouched, and the features are the eager model's."""
+    backbone, images = tiny_backbone
+    model = backbone.model_
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = backbone._prepare(images[:5])
+    with torch.no_grad():
+        eager = model.eval().forward_features(x)
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(folded.forward_features(x), eager, rtol=1e-4, atol=1e-5)
+
+
+
+def test_a_refitted_backbone_embeds_with_its_new_weights(tiny_backbone):
+    _, images = tiny_backbone
+    labels = np.array([0, 1] * 16)
+    backbone = Backbone("tiny", epochs=1, device="cpu", seed=1).fit(images, labels, ["a", "b"], progress=False)
+    first = backbone.embed(images[:2])
+    backbone.epochs = 2
+    backbone.fit(images, labels, ["a", "b"], progress=False)  # a stale folded copy would repeat `first`
+    assert not np.allclose(backbone.embed(images[:2]), first, atol=1e-4)
+
+
+def test_a_small_archive_trains_more_epochs_up_to_twice_the_presets():
+    from dataclasses import replace
+
+    preset = replace(PRESETS["tiny"], epochs=10, batch_size=10, min_steps=1000)
+    assert preset.epochs_for(1000) == 10  # 100 steps an epoch: the preset's epochs
+    assert preset.epochs_for(700) == 15  # 70 steps an epoch: 1,050 steps
+    assert preset.epochs_for(500) == 20 and preset.epochs_for(250) == 20  # capped at twice
+    assert replace(preset, min_steps=0).epochs_for(5) == 10
+    cpu = PRESETS["cpu"]
+    assert cpu.epochs_for(6719) == cpu.epochs  # the 80% PBC split's training cells
 
 
 def test_pretrained_without_public_weights_is_a_clear_error():

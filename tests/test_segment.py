@@ -177,3 +177,18 @@ def test_build_indexes_every_white_cell_of_a_smear_field_with_its_source_and_box
     Image.fromarray(image).save(tmp_path / "labelled" / "monocyte" / "field.png")
     labelled = prepare_images(list_images(tmp_path / "labelled"), segmenter, config).cells
     assert list(labelled["cell_index"]) == [0] and list(labelled["label"]) == ["monocyte"]
+
+
+def test_background_colour_is_the_median_of_the_brightest_third():
+    from atlas.colour import background_colour
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        image = rng.integers(0, 256, (rng.integers(1, 40), rng.integers(1, 40), 3), dtype=np.uint8)
+        pixels = image.reshape(-1, 3).astype(np.int64)
+        brightness = pixels.sum(1)
+        expected = np.median(pixels[brightness >= np.quantile(brightness, 2 / 3)], axis=0).astype(np.uint8)
+        assert (background_colour(image) == expected).all()
+    glass = np.full((30, 30, 3), (230, 225, 240), np.uint8)
+    glass[:12] = (120, 60, 150)  # a stained cell covering 40% of the field
+    assert tuple(background_colour(glass)) == (230, 225, 240)

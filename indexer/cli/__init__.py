@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 
+from atlas.runtime import keep_freed_memory
 from indexer.cli import (
     archive_commands,
     atlas_commands,
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads (torch, XGBoost) sleep instead of spinning: on 2 busy cores spinning
     # threads made steps 10-60x slower. Must be set before those libraries load.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()  # reuse freed memory instead of page-faulting fresh maps (atlas/runtime.py)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (docker stop, kill) unwinds like Ctrl-C: a job is marked failed, staging removed.
         signal.signal(signal.SIGTERM, _interrupt)
