@@ -59,10 +59,16 @@ class BackbonePreset:
     # at least this many steps (0: always `epochs`). See `epochs_for`.
     min_steps: int = 0
 
+    def batch_for(self, cells: int) -> int:
+        """Images per training step on `cells` cells (fewer cells than a batch: all of them)."""
+        return max(1, min(self.batch_size, cells))
+
+    def steps_per_epoch(self, cells: int) -> int:
+        return max(1, cells // self.batch_for(cells))
+
     def epochs_for(self, cells: int) -> int:
         """Epochs to train on `cells` cells when none are asked for."""
-        steps_per_epoch = max(1, cells // max(1, min(self.batch_size, cells)))
-        return min(2 * self.epochs, max(self.epochs, math.ceil(self.min_steps / steps_per_epoch)))
+        return min(2 * self.epochs, max(self.epochs, math.ceil(self.min_steps / self.steps_per_epoch(cells))))
 
     def block_cfg(self) -> list[dict]:
         a, b, c = self.entry_widths
@@ -215,9 +221,9 @@ class Backbone:
         model = model.to(memory_format=torch.channels_last)
         x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8, CPU
         y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        batch = min(self.preset.batch_size, len(x_all))
-        steps_per_epoch = max(1, len(x_all) // batch)
-        epochs = self.epochs or self.preset.epochs_for(len(x_all))
+        batch = self.preset.batch_for(len(x_all))
+        steps_per_epoch = self.preset.steps_per_epoch(len(x_all))
+        epochs = self.epochs if self.epochs is not None else self.preset.epochs_for(len(x_all))
         optimiser = torch.optim.AdamW(model.parameters(), lr=self.preset.learning_rate, weight_decay=0.05)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimiser, max_lr=self.preset.learning_rate, total_steps=epochs * steps_per_epoch,
