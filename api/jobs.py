@@ -13,6 +13,7 @@ from pathlib import Path
 
 from atlas.catalog import Catalog
 from atlas.jobs import REBUILD, RebuildLock, RebuildRunning, new_job_id, settle_abandoned_rebuilds
+from atlas.runtime import set_openmp_wait
 from atlas.store import AtlasStore
 
 log = logging.getLogger("cellatlas.api")
@@ -100,5 +101,5 @@ def _child_environment() -> dict[str, str]:
     classifier step 10-60x slower on 2 busy cores (measured: 7-32 s instead of 1 s on the test
     atlas)."""
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_wait(shares_cores=True, environ=env)
     return env

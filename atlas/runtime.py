@@ -27,6 +27,28 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# How idle OpenMP threads (torch's, XGBoost's) wait for their next parallel region, by whether
+# the job has the cores to itself. Measured on 2 cores, one backbone epoch of 2,560 PBC cells:
+# alone, sleeping at once (OMP_WAIT_POLICY=PASSIVE) 15.8 s, spinning 1,000 times first 13.2 s,
+# libgomp's default (300,000 spins) 12.8 s; two such jobs at once, each 25.0 / 27.9 s, and 49.5
+# s at 10,000 spins. So a job that shares its cores sleeps at once (the server, and the rebuild
+# it starts beside itself, where spinning XGBoost threads had made the classifier step 10-60x
+# slower); any other job spins briefly (a full PBC build: backbone epochs 39.5 -> 33.5 s, VAE
+# 33 -> 16 s).
+# (libgomp: a GOMP_SPINCOUNT that is set overrides the policy's spin count, so "shared" sets both,
+# and a job started by the server keeps them.)
+OPENMP_WAIT = {"shared": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+               "own": {"GOMP_SPINCOUNT": "1000"}}
+
+
+def set_openmp_wait(shares_cores: bool, environ: dict | None = None) -> None:
+    """Set OPENMP_WAIT's variables in `environ` (default: this process's, where they work if set
+    before the first parallel region); a variable already set is kept."""
+    environ = os.environ if environ is None else environ
+    for name, value in OPENMP_WAIT["shared" if shares_cores else "own"].items():
+        environ.setdefault(name, value)
+
+
 # glibc malloc: allocations above this size come from the heap instead of fresh mmap()s, and up
 # to TRIM bytes freed at the heap's top are kept for reuse instead of returned to the kernel.
 # By default every forward pass's activations (tens of MB) were mapped, page-faulted in zeroed

@@ -38,6 +38,7 @@ class BuildConfig:
     threads: int = field(default_factory=default_threads)
     device: str = "auto"
     pretrained: bool = False
+    stain_jitter: bool = False  # train the backbone with stain, hue, blur and grey jitter (atlas/backbone.py)
     progress: bool = True
 
     def __post_init__(self):

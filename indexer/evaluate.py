@@ -66,6 +66,10 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     precision = (neighbour_labels == labels_arr[:, None]).mean(1)
     majority = np.array([Counter(row).most_common(1)[0][0] for row in neighbour_labels])
     known = np.isin(labels_arr, atlas.classes)
+    if not known.any():
+        raise IngestError(
+            f"none of the images' labels ({', '.join(sorted(set(labels_arr)))}) is a class of the atlas "
+            f"({', '.join(atlas.classes)}): name the sub-folders after the atlas's classes")
     result = {
         "atlas_version": atlas.version,
         "images_um_per_pixel": um_per_pixel or atlas.um_per_pixel,

@@ -267,7 +267,7 @@ def train_backbone(model_inputs: np.ndarray, labels: np.ndarray, split: np.ndarr
     y = np.array([class_index.get(v, -1) for v in labels])
     train, val = split == "train", split == "val"
     backbone = Backbone(config.preset, epochs=config.epochs, seed=config.seed, device=config.device,
-                        pretrained=config.pretrained)
+                        pretrained=config.pretrained, stain_jitter=config.stain_jitter)
     return backbone.fit(model_inputs[train], y[train], classes, model_inputs[val], y[val],
                         progress=config.progress)
 

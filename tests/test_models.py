@@ -5,7 +5,19 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas.backbone import PRESETS, Backbone, BackboneError, dihedral_views, fold_batch_norms
+from atlas.backbone import (
+    PRESETS,
+    VALIDATE_EVERY,
+    Backbone,
+    BackboneError,
+    augment,
+    blur,
+    channel_statistics,
+    dihedral_views,
+    fold_batch_norms,
+    hue_jitter,
+    stain_jitter,
+)
 from atlas.cell import NUCLEUS
 from atlas.classifier import CellClassifier, choose_flag_threshold, classifier_input, entropy_bits
 from atlas.crop import canonical_orientation
@@ -83,6 +95,94 @@ def test_a_small_archive_trains_more_epochs_up_to_twice_the_presets():
     assert replace(preset, min_steps=0).epochs_for(5) == 10
     cpu = PRESETS["cpu"]
     assert cpu.epochs_for(6719) == cpu.epochs  # the 80% PBC split's training cells
+
+
+def test_validation_accuracy_is_measured_every_few_epochs_and_after_the_last(tiny_backbone):
+    _, images = tiny_backbone
+    labels = np.array([0, 1] * 16)
+    epochs = VALIDATE_EVERY + 2
+    backbone = Backbone("tiny", epochs=epochs, device="cpu").fit(
+        images[:24], labels[:24], ["a", "b"], images[24:], labels[24:], progress=False)
+    validated = [r["epoch"] for r in backbone.history_ if "val_accuracy" in r]
+    assert validated == [VALIDATE_EVERY, epochs]
+    assert 0.0 <= backbone.history_[-1]["val_accuracy"] <= 1.0
+
+
+def test_channel_statistics_are_numpys_mean_and_std():
+    images = np.random.default_rng(3).integers(0, 256, (7, 9, 11, 3), dtype=np.uint8)
+    mean, std = channel_statistics(images)
+    np.testing.assert_allclose(mean, images.reshape(-1, 3).mean(0) / 255, rtol=1e-12)
+    np.testing.assert_allclose(std, images.reshape(-1, 3).std(0) / 255 + 1e-6, rtol=1e-12)
+
+
+def _colour_batch(n=6, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(5)) * 0.8 + 0.1
+
+
+def test_stain_jitter_without_jitter_is_the_identity_and_with_it_differs_per_image():
+    x = _colour_batch()
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(stain_jitter(x, generator, scale=0.0, shift=0.0), x, atol=1e-5, rtol=0)
+    same = x[:1].expand(4, -1, -1, -1)
+    out = stain_jitter(same, generator)
+    assert out.shape == same.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out[0], out[1], atol=1e-3)  # each image its own stains
+
+
+def test_stain_jitter_scales_each_stains_optical_density():
+    """One pixel, checked the long way round: deconvolve with scikit-image, scale, reconvolve."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    x = torch.tensor([0.55, 0.35, 0.7]).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(7)
+    out = stain_jitter(x, generator, scale=0.3, shift=0.1).flatten().double().numpy()
+    generator = torch.Generator().manual_seed(7)
+    gain = 0.7 + 0.6 * torch.rand((1, 3), generator=generator).double().numpy()
+    offset = -0.1 + 0.2 * torch.rand((1, 3), generator=generator).double().numpy()
+    stains = -np.log(x.flatten().double().numpy()) @ hed_from_rgb
+    expected = np.exp(-((stains * gain + offset) @ rgb_from_hed)).clip(0, 1).ravel()
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_hue_jitter_turns_colours_but_leaves_greys_and_brightness():
+    generator = torch.Generator().manual_seed(1)
+    torch.testing.assert_close(hue_jitter(_colour_batch(), generator, degrees=0.0), _colour_batch(), atol=1e-5, rtol=0)
+    grey = torch.full((3, 3, 4, 4), 0.4)
+    torch.testing.assert_close(hue_jitter(grey, generator, degrees=90.0), grey, atol=1e-5, rtol=0)
+    x = torch.tensor([0.3, 0.5, 0.6]).view(1, 3, 1, 1).expand(8, 3, 1, 1)
+    turned = hue_jitter(x, generator, degrees=40.0)
+    assert not torch.allclose(turned[0], turned[1], atol=1e-3)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    torch.testing.assert_close((turned * luma).sum(1), (x * luma).sum(1), atol=1e-5, rtol=0)
+
+
+def test_blur_keeps_flat_images_and_softens_an_edge():
+    generator = torch.Generator().manual_seed(2)
+    flat = torch.full((4, 3, 8, 8), 0.6)
+    torch.testing.assert_close(blur(flat, generator), flat)
+    edge = torch.zeros(16, 3, 8, 8)
+    edge[..., 4:] = 1.0
+    out = blur(edge, generator)
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out[..., 3] > 0).any() and (out[..., 3] < 1 / 3 + 1e-6).all()  # at most a third spills over
+
+
+@pytest.mark.parametrize("stain", [False, True])
+def test_augment_keeps_shape_and_is_reproducible(stain):
+    x = _colour_batch(8, 24)
+    first = augment(x, torch.Generator().manual_seed(4), stain=stain)
+    assert first.shape == x.shape and torch.isfinite(first).all()
+    torch.testing.assert_close(augment(x, torch.Generator().manual_seed(4), stain=stain), first)
+    assert not torch.allclose(augment(x, torch.Generator().manual_seed(5), stain=stain), first)
+    assert not torch.allclose(augment(x, torch.Generator().manual_seed(4), stain=not stain), first)
+
+
+def test_a_backbone_trained_with_stain_jitter_says_so_after_loading(tiny_backbone, tmp_path):
+    _, images = tiny_backbone
+    labels = np.array([0, 1] * 16)
+    backbone = Backbone("tiny", epochs=1, device="cpu", stain_jitter=True).fit(images, labels, ["a", "b"], progress=False)
+    backbone.save(tmp_path / "b.pt")
+    assert Backbone.load(tmp_path / "b.pt", device="cpu").stain_jitter is True
 
 
 def test_pretrained_without_public_weights_is_a_clear_error():

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from atlas.runtime import keep_freed_memory
+from atlas.runtime import keep_freed_memory, set_openmp_wait
 from indexer.cli import (
     archive_commands,
     atlas_commands,
@@ -32,15 +32,14 @@ COMMAND_GROUPS = (atlas_commands, service_commands, segmentation_commands, archi
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads (torch, XGBoost) sleep instead of spinning: on 2 busy cores spinning
-    # threads made steps 10-60x slower. Must be set before those libraries load.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     keep_freed_memory()  # reuse freed memory instead of page-faulting fresh maps (atlas/runtime.py)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (docker stop, kill) unwinds like Ctrl-C: a job is marked failed, staging removed.
         signal.signal(signal.SIGTERM, _interrupt)
     parser = _parser()
     args = parser.parse_args(argv)
+    # before any parallel region: the server shares its cores, a batch job has them (runtime.py)
+    set_openmp_wait(shares_cores=getattr(args, "shares_cores", False))
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -52,6 +52,10 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--pretrained", action="store_true",
                    help="start from public weights (preset xception41; needs network access)")
+    p.add_argument("--stain-jitter", action="store_true",
+                   help="train the backbone with stain, hue, blur and grey jitter, for archives pooled from "
+                        "several stains or scanners (on PBC: other labs' cells found more often, 0.6 points "
+                        "less accuracy on its own; README, 'Other scanners and stains')")
     p.add_argument("--quiet", action="store_true", help="no progress; print only the version")
     _engine_arguments(p)
     p.set_defaults(run=cmd_build)
@@ -168,7 +172,7 @@ def cmd_build(args) -> int:
         coverage=args.coverage,
         um_per_pixel=scale if scale is not None else REFERENCE_UM_PER_PIXEL, folder_scales=folder_scales,
         segmenter=args.segmenter, seed=args.seed, device=args.device,
-        pretrained=args.pretrained, progress=not args.quiet,
+        pretrained=args.pretrained, stain_jitter=args.stain_jitter, progress=not args.quiet,
         **({"threads": args.threads} if args.threads else {}),
     )
     with _open_engine(args, config.threads) as engine:

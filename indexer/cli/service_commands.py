@@ -13,7 +13,7 @@ def add_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--open", action="store_true", help="no authentication (demo only)")
-    p.set_defaults(run=cmd_serve)
+    p.set_defaults(run=cmd_serve, shares_cores=True)
 
     p = sub.add_parser("keys", help="manage API keys")
     keys = p.add_subparsers(title="keys commands")
