@@ -47,6 +47,11 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     records = [r for r in list_images(images) if r.label is not None]
     if not records:
         raise IngestError(f"no labelled images in {images}: evaluation needs one sub-folder per class")
+    folder_labels = sorted({r.label for r in records})
+    if not set(folder_labels) & set(atlas.classes):  # before any image is worked on
+        raise IngestError(
+            f"none of the labels in {images} ({', '.join(map(repr, folder_labels))}) is a class of the atlas "
+            f"({', '.join(atlas.classes)}): name the sub-folders after the atlas's classes")
     started = time.perf_counter()
     queries, labels, failed = [], [], Counter()
     for record in progress_bar(records, progress, desc="prepare", unit="img"):
@@ -66,10 +71,6 @@ def evaluate(home: Path, images: Path, rotmes_per_class: int = 50, seed: int = 0
     precision = (neighbour_labels == labels_arr[:, None]).mean(1)
     majority = np.array([Counter(row).most_common(1)[0][0] for row in neighbour_labels])
     known = np.isin(labels_arr, atlas.classes)
-    if not known.any():
-        raise IngestError(
-            f"none of the images' labels ({', '.join(sorted(set(labels_arr)))}) is a class of the atlas "
-            f"({', '.join(atlas.classes)}): name the sub-folders after the atlas's classes")
     result = {
         "atlas_version": atlas.version,
         "images_um_per_pixel": um_per_pixel or atlas.um_per_pixel,

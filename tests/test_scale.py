@@ -203,6 +203,16 @@ def test_the_cli_rejects_a_bad_scale_with_one_line(built_atlas, tmp_path, capsys
     assert error.startswith("error: um_per_pixel must be between") and error.count("\n") == 1
 
 
+def test_evaluating_a_folder_whose_labels_the_atlas_lacks_is_one_clear_line(built_atlas, tmp_path, capsys):
+    folder = tmp_path / "lymphocyte\r"  # as a labels.csv with Windows line ends names it
+    folder.mkdir()
+    (folder / "cell.png").write_bytes(png(synthetic_cell("lymphocyte", np.random.default_rng(4))))
+    assert main(["evaluate", "--images", str(tmp_path), "--home", str(built_atlas[0])]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: none of the labels in") and "'lymphocyte\\r'" in error
+    assert error.count("\n") == 1
+
+
 def test_the_cli_query_takes_a_scale(built_atlas, tmp_path, capsys, cell):
     path = tmp_path / "cell.png"
     path.write_bytes(png(at_scale(cell, OTHER_SCALE)))
