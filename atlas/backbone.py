@@ -193,7 +193,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator, stain: bool = False
         grey_ones = (rand(n, 1, 1, 1) < GREY_SHARE).to(x)
         x = grey_ones * x.mean(1, keepdim=True) + (1 - grey_ones) * x
     angle = rand(n) * 2 * math.pi
-    zoom = ZOOM[0] + (ZOOM[1] - ZOOM[0]) * rand(n)
+    zoom = _uniform(generator, (n,), *ZOOM)
     flip = torch.where(rand(n) < 0.5, -1.0, 1.0)
     shift = (rand(n, 2) - 0.5) * 0.1
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom

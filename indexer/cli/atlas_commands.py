@@ -10,6 +10,8 @@ from pathlib import Path
 from indexer import report
 from indexer.cli.args import build_scales, positive_float, positive_int, som_shape
 
+EPOCHS_HELP = ("backbone epochs (default: the preset's, more for a small archive: enough for the preset's "
+               "minimum of steps, at most twice)")
 SCALE_HELP = "the images' scale (default: the atlas's); they are resampled to the atlas's scale"
 
 
@@ -28,9 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument("--images", required=True, help="folder with one sub-folder per class (or a flat folder)")
     p.add_argument("--home", required=True, help="ATLAS_HOME: where versions are published")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="backbone size (default: cpu)")
-    p.add_argument("--epochs", type=positive_int,
-                   help="backbone epochs (default: the preset's, more for a small archive: "
-                        "enough for the preset's minimum of steps, at most twice)")
+    p.add_argument("--epochs", type=positive_int, help=EPOCHS_HELP)
     p.add_argument("--latent-dim", type=positive_int, default=50, help="VAE latent size (default 50)")
     p.add_argument("--som-shape", help="SOM grid as ROWSxCOLS (default: from the archive size)")
     p.add_argument("--som-epochs", type=positive_int, default=30)
@@ -111,9 +111,7 @@ def add_commands(sub) -> None:
     p.add_argument("--leave-out", required=True, metavar="CLASS", help="the class the atlas is built without")
     p.add_argument("--home", required=True, help="a new ATLAS_HOME for the atlas built without the class")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="backbone size (default: cpu)")
-    p.add_argument("--epochs", type=positive_int,
-                   help="backbone epochs (default: the preset's, more for a small archive: "
-                        "enough for the preset's minimum of steps, at most twice)")
+    p.add_argument("--epochs", type=positive_int, help=EPOCHS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--out", help="write the JSON report here too")
