@@ -1,7 +1,7 @@
 """SOM benchmark (issue #15): CellAtlas's batch SOM against somoclu and MiniSom, in one run.
 
     PYTHONPATH=. .venv/bin/python bench/som_bench.py [--tiny] [--latents FILE.npy|VERSION_DIR]
-        [--threads 1] [--out som.json] [--schedules]
+        [--threads 1] [--out som.json] [--schedules] [--seeds N]
     (or: cellatlas bench som ...)
 
 The core design's setting: 61,710 x 50 standardised vectors on a 244x244 rectangular map, 10
@@ -14,6 +14,9 @@ epochs; data: a synthetic 19-cluster mixture and, with --latents, real latents t
   iterations, extrapolated to the core design's 1,000,000; its errors are those after the
   iterations it ran, not after a million.
 Every map's quantization and topographic errors come from one function, `atlas.som.map_errors`.
+`--seeds N` draws the data N times and adds the means: CellAtlas and somoclu run the same
+algorithm, so their maps differ only where float rounding (summation order, the distance
+formula) sends them apart over the epochs, and one draw's difference of QE or TE may be that noise.
 `--schedules` instead measures CellAtlas's map under other initialisations and radius schedules
 (and, with --latents, the build's own map shape and epochs before and after the change).
 """
@@ -62,13 +65,42 @@ COLUMNS = [("data", "data", "s"), ("tool", "tool", "s"), ("seconds", "seconds", 
            ("threads", "threads", "d")]
 
 
+MIXTURE, LATENTS = "synthetic 19 clusters", "real latents tiled"
+
+
 def data_sets(args) -> dict[str, np.ndarray]:
-    sets = {"synthetic 19 clusters": standardised(cluster_mixture(args.cells, 50, 19, seed=0))}
+    """The data of the run: the mixture (and with --latents the tiled latents), drawn with seeds
+    0 .. --seeds - 1; a name carries its seed when there are several."""
+    named = (lambda name, seed: f"{name}, seed {seed}") if args.seeds > 1 else (lambda name, seed: name)
+    sets = {named(MIXTURE, seed): standardised(cluster_mixture(args.cells, 50, 19, seed=seed))
+            for seed in range(args.seeds)}
     if args.latents:
-        sets["real latents tiled"] = standardised(tiled_latents(read_latents(args.latents), args.cells))
+        latents = read_latents(args.latents)
+        sets |= {named(LATENTS, seed): standardised(tiled_latents(latents, args.cells, seed=seed))
+                 for seed in range(args.seeds)}
     else:
         print("real latents: not run (pass --latents FILE.npy or an atlas version folder)")
     return sets
+
+
+def seed_means(rows: list[dict], seeds: int) -> list[dict]:
+    """Per data kind and tool, the mean over the seeds of the time and both errors, and in how
+    many seeds CellAtlas's QE and TE were at most that tool's (the maps of two tools running the
+    same algorithm part ways by rounding, so one seed's difference can be noise)."""
+    means = []
+    for kind in (MIXTURE, LATENTS):
+        mine = [r for r in rows if r["data"].startswith(kind) and "skipped" not in r]
+        ours = {r["data"]: r for r in mine if r["tool"] == "cellatlas"}
+        for tool in dict.fromkeys(r["tool"] for r in mine):
+            runs = [r for r in mine if r["tool"] == tool]
+            mean = {"data": f"{kind}, mean of {len(runs)} seeds", "tool": tool, "threads": runs[0]["threads"]}
+            for key in ("seconds", "cpu_seconds", "quantization_error", "topographic_error"):
+                mean[key] = float(np.mean([r[key] for r in runs]))
+            if tool != "cellatlas":
+                for key, short in (("quantization_error", "qe"), ("topographic_error", "te")):
+                    mean[f"seeds_cellatlas_{short}_at_most"] = sum(ours[r["data"]][key] <= r[key] for r in runs)
+            means.append(mean)
+    return means if seeds > 1 else []
 
 
 def errors(weights: np.ndarray, data: np.ndarray) -> dict:
@@ -150,9 +182,13 @@ def compare(args) -> dict:
                 row["cellatlas_speedup"] = row["seconds"] / ours["seconds"]
                 row["cellatlas_speedup_cpu"] = row["cpu_seconds"] / ours["cpu_seconds"]
         rows += found
-    print_table([r for r in rows if "skipped" not in r],
-                COLUMNS + [("cellatlas_speedup", "x ours", ".1f"), ("cellatlas_speedup_cpu", "x ours CPU", ".1f")])
-    return {"benchmark": "som", "setting": _setting(args), "results": rows}
+    columns = COLUMNS + [("cellatlas_speedup", "x ours", ".1f"), ("cellatlas_speedup_cpu", "x ours CPU", ".1f")]
+    print_table([r for r in rows if "skipped" not in r], columns)
+    means = seed_means(rows, args.seeds)
+    if means:
+        print_table(means, COLUMNS + [("seeds_cellatlas_qe_at_most", "ours QE <=", "d"),
+                                      ("seeds_cellatlas_te_at_most", "ours TE <=", "d")])
+    return {"benchmark": "som", "setting": _setting(args), "results": rows, "means_over_seeds": means}
 
 
 def schedules(args) -> dict:
@@ -200,6 +236,7 @@ def build_shape(args) -> list[dict]:
 def _setting(args) -> dict:
     return {"cells": args.cells, "dim": 50, "map": [args.rows, args.cols], "epochs": args.epochs,
             "threads": args.threads, "minisom_iterations": args.minisom_iterations, "tiny": args.tiny,
+            "seeds": args.seeds,
             "latents": str(args.latents) if args.latents else None}
 
 
@@ -217,13 +254,15 @@ def parse(argv):
     parser.add_argument("--no-somoclu", action="store_true")
     parser.add_argument("--schedules", action="store_true", help="measure initialisations and schedules")
     parser.add_argument("--only", nargs="+", metavar="TEXT", help="with --schedules: only those whose label has TEXT")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the maps' seed (random starts, MiniSom)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="draw the data this many times (seeds 0, 1, ...) and report the means too")
     args = parser.parse_args(argv)
     if args.tiny:
         args.cells, args.rows, args.cols, args.epochs = 600, 12, 12, 3
         args.minisom_iterations = min(args.minisom_iterations, 200)
-    if min(args.cells, args.rows, args.cols, args.epochs, args.threads) < 1 or args.minisom_iterations < 0:
-        parser.error("--cells, --rows, --cols, --epochs and --threads must be positive")
+    if min(args.cells, args.rows, args.cols, args.epochs, args.threads, args.seeds) < 1 or args.minisom_iterations < 0:
+        parser.error("--cells, --rows, --cols, --epochs, --threads and --seeds must be positive")
     return args
 
 

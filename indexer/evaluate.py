@@ -224,27 +224,44 @@ def rotation_check(atlas: LoadedAtlas, per_class: int, seed: int, progress: bool
 
 
 
-def evaluate_novelty(config, test_images: Path, leave_out: str, progress: bool = True) -> dict:
-    """Leave one class out: build an atlas (`config`, a BuildConfig whose images hold one
-    sub-folder per class) from every class but `leave_out`, then evaluate it on `test_images`:
-    the left-out class's cells are novel, the other classes' are not. Returns the novelty
-    figures (AUROC, share flagged at 5% false alarms, share novel) with the build's accuracy."""
+def evaluate_novelty(config, test_images: Path, leave_out: list[str], progress: bool = True) -> dict:
+    """Leave one class out, for each class of `leave_out` in turn ("each": every class folder
+    of the training images): build an atlas (`config`, a BuildConfig whose images hold one
+    sub-folder per class) from every class but that one, in its own ATLAS_HOME
+    `config.home`/without-CLASS, then evaluate it on `test_images`: the left-out class's cells
+    are novel, the other classes' are not. Returns each class's novelty figures (AUROC, share
+    flagged at 5% false alarms, share novel) with that build's accuracy, and their means."""
     from dataclasses import replace
 
     from indexer.build import build
 
     images, test_images = Path(config.images), Path(test_images)
-    for folder in (images, test_images):
-        if not (folder / leave_out).is_dir():
-            raise IngestError(f"{folder} has no sub-folder {leave_out!r} to leave out")
-    kept = Path(config.home) / "inputs" / f"without-{leave_out}"
-    kept.mkdir(parents=True, exist_ok=True)
-    for class_dir in sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        link = kept / class_dir.name
-        if class_dir.name != leave_out and not link.exists():
-            link.symlink_to(class_dir.resolve(), target_is_directory=True)
-    built = build(replace(config, images=kept))
-    result = evaluate(config.home, test_images, rotmes_per_class=0, progress=progress)
-    return {"left_out": leave_out, "atlas_version": built.version, "train_images": str(images),
-            "test_images": str(test_images), "accuracy_known_classes": result["accuracy"],
-            "precision_at_8_known_classes": result["precision_at_8"], "novelty": result["novelty"]}
+    classes = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    leave_out = classes if list(leave_out) == ["each"] else list(dict.fromkeys(leave_out))
+    for name in leave_out:  # every class checked before the first build
+        for folder in (images, test_images):
+            if not (folder / name).is_dir():
+                raise IngestError(f"{folder} has no sub-folder {name!r} to leave out")
+    if len(classes) < 3:
+        raise IngestError(f"{images} has {len(classes)} class folders: leaving one out needs at least 3")
+    found = {}
+    for name in leave_out:
+        home = Path(config.home) / f"without-{name}"
+        kept = home / "inputs" / "images"
+        kept.mkdir(parents=True, exist_ok=True)
+        for other in classes:
+            link = kept / other
+            if other != name and not link.exists():
+                link.symlink_to((images / other).resolve(), target_is_directory=True)
+        built = build(replace(config, images=kept, home=home))
+        result = evaluate(home, test_images, rotmes_per_class=0, progress=progress)
+        unknown = result["novelty"].get("unknown_classes", {}).get(name, {})
+        found[name] = {"home": str(home), "atlas_version": built.version,
+                       "accuracy_known_classes": result["accuracy"],
+                       "precision_at_8_known_classes": result["precision_at_8"],
+                       "share_novel_known_classes": result["novelty"].get("share_novel_known_classes"),
+                       **unknown}
+    means = {f"{key}_mean": float(np.mean([v[key] for v in found.values()]))
+             for key in ("auroc", "share_flagged_at_5pct_false_alarms", "share_novel", "share_novel_known_classes")
+             if all(v.get(key) is not None for v in found.values())}
+    return {"train_images": str(images), "test_images": str(test_images), "left_out": found, **means}

@@ -39,6 +39,22 @@ def test_som_bench_compares_the_maps_by_one_function(tmp_path, latents_file):
             assert theirs["quantization_error"] == pytest.approx(mine["quantization_error"], rel=0.05)
 
 
+def test_som_bench_reports_means_over_several_draws_of_the_data():
+    result = som_bench.run(["--tiny", "--seeds", "2", "--minisom-iterations", "50", "--no-somoclu"])
+    rows, means = result["results"], result["means_over_seeds"]
+    assert {r["data"] for r in rows} == {"synthetic 19 clusters, seed 0", "synthetic 19 clusters, seed 1"}
+    ours = [r for r in rows if r["tool"] == "cellatlas"]
+    assert ours[0]["quantization_error"] != ours[1]["quantization_error"]  # two different draws
+    mean = next(m for m in means if m["tool"] == "cellatlas")
+    assert mean["data"] == "synthetic 19 clusters, mean of 2 seeds"
+    assert mean["topographic_error"] == pytest.approx(np.mean([r["topographic_error"] for r in ours]))
+    minisom = next(m for m in means if m["tool"].startswith("minisom"))
+    qe_at_most = sum(o["quantization_error"] <= m["quantization_error"]
+                     for o, m in zip(ours, [r for r in rows if r["tool"].startswith("minisom")]))
+    assert minisom["seeds_cellatlas_qe_at_most"] == qe_at_most
+    assert som_bench.run(["--tiny", "--no-somoclu", "--minisom-iterations", "0"])["means_over_seeds"] == []
+
+
 def test_som_bench_errors_are_those_of_the_shared_function():
     data = cluster_mixture(300, 50, 4, seed=1)
     args = som_bench.parse(["--tiny"])

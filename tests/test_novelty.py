@@ -212,16 +212,18 @@ def test_evaluate_reports_coverage_calibration_and_novelty_of_a_left_out_class(t
     train = write_synthetic_archive(tmp_path / "train", per_class=10, seed=11)
     test = write_synthetic_archive(tmp_path / "test", per_class=4, seed=12)
     config = tiny_config(train, tmp_path / "home")
-    result = evaluate_novelty(config, test, "eosinophil", progress=False)
-    novelty = result["novelty"]
-    assert set(novelty["unknown_classes"]) == {"eosinophil"}
-    eosinophil = novelty["unknown_classes"]["eosinophil"]
+    result = evaluate_novelty(config, test, ["eosinophil"], progress=False)
+    assert set(result["left_out"]) == {"eosinophil"}
+    eosinophil = result["left_out"]["eosinophil"]
     assert eosinophil["cells"] == 4 and 0 <= eosinophil["auroc"] <= 1
     assert 0 <= eosinophil["share_flagged_at_5pct_false_alarms"] <= 1
-    assert novelty["auroc_mean"] == eosinophil["auroc"]
+    assert result["auroc_mean"] == eosinophil["auroc"]
+    from atlas.reference import LoadedAtlas
     from indexer.evaluate import evaluate
 
-    report = evaluate(tmp_path / "home", test, rotmes_per_class=0, progress=False)
+    home = tmp_path / "home" / "without-eosinophil"
+    assert eosinophil["home"] == str(home) and "eosinophil" not in LoadedAtlas.open(home).classes
+    report = evaluate(home, test, rotmes_per_class=0, progress=False)
     uncertainty = report["uncertainty"]
     assert uncertainty["coverage_requested"] == "auto" and uncertainty["default_coverage"] in AUTO_LEVELS
     assert uncertainty["calibrated"] and set(uncertainty["levels"]) == {"0.95", "0.99",
@@ -239,3 +241,35 @@ def test_evaluate_novelty_cli_refuses_a_class_that_is_not_there(tmp_path, capsys
     code = main(["evaluate-novelty", "--images", str(train), "--test", str(train), "--leave-out", "blast",
                  "--home", str(tmp_path / "h"), "--quiet"])
     assert code == 2 and "no sub-folder 'blast'" in capsys.readouterr().err
+
+
+def test_evaluate_novelty_leaves_out_each_class_in_turn(tmp_path, capsys):
+    """`--leave-out each`: one atlas per class, each without that class only, and the mean."""
+    import json
+
+    from atlas.reference import LoadedAtlas
+    from indexer.cli import main
+
+    train = write_synthetic_archive(tmp_path / "train", per_class=8, seed=11)
+    test = write_synthetic_archive(tmp_path / "test", per_class=3, seed=12)
+    code = main(["evaluate-novelty", "--images", str(train), "--test", str(test), "--leave-out", "each",
+                 "--home", str(tmp_path / "h"), "--preset", "tiny", "--epochs", "1", "--threads", "1", "--quiet",
+                 "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    classes = sorted(p.name for p in train.iterdir())
+    assert sorted(result["left_out"]) == classes
+    for name, figures in result["left_out"].items():
+        assert sorted(LoadedAtlas.open(tmp_path / "h" / f"without-{name}").classes) == [c for c in classes if c != name]
+        assert figures["cells"] == 3
+    assert result["auroc_mean"] == pytest.approx(np.mean([v["auroc"] for v in result["left_out"].values()]))
+
+
+def test_evaluate_novelty_checks_every_class_before_building(tmp_path, capsys):
+    from indexer.cli import main
+
+    train = write_synthetic_archive(tmp_path / "train", per_class=1, seed=0)
+    code = main(["evaluate-novelty", "--images", str(train), "--test", str(train), "--leave-out", "monocyte",
+                 "blast", "--home", str(tmp_path / "h"), "--quiet"])
+    assert code == 2 and "no sub-folder 'blast'" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()

@@ -105,11 +105,14 @@ def add_commands(sub) -> None:
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("evaluate-novelty",
-                       help="leave one class out: build without it, then measure how well novelty finds it")
+                       help="leave one class out: build without it, then measure how well novelty finds it "
+                            "(for each class given, or each class)")
     p.add_argument("--images", required=True, help="training folder, one sub-folder per class")
     p.add_argument("--test", required=True, help="held-out folder with the same classes")
-    p.add_argument("--leave-out", required=True, metavar="CLASS", help="the class the atlas is built without")
-    p.add_argument("--home", required=True, help="a new ATLAS_HOME for the atlas built without the class")
+    p.add_argument("--leave-out", required=True, nargs="+", metavar="CLASS",
+                   help="the class the atlas is built without; several: one build each; 'each': every class")
+    p.add_argument("--home", required=True,
+                   help="a new folder; the atlas built without CLASS is the ATLAS_HOME HOME/without-CLASS")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="backbone size (default: cpu)")
     p.add_argument("--epochs", type=positive_int, help=EPOCHS_HELP)
     p.add_argument("--seed", type=int, default=0)
