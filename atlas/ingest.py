@@ -45,15 +45,22 @@ class Rejection:
     reason: str
 
 
-def list_images(root: Path) -> list[ImageRecord]:
-    """Image files under `root`: `root/<class>/*` gives labelled records, `root/*` unlabelled."""
+def class_folders(root: Path) -> list[Path]:
+    """The sub-folders of the image folder `root` that name classes (hidden ones left out), sorted."""
     root = Path(root)
     if not root.exists():
         raise IngestError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise IngestError(f"{root} is not a folder; give a folder with one sub-folder per class")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(root: Path) -> list[ImageRecord]:
+    """Image files under `root`: `root/<class>/*` gives labelled records, `root/*` unlabelled."""
+    root = Path(root)
+    folders = class_folders(root)
     records = [ImageRecord(p, None) for p in sorted(root.iterdir()) if _is_image(p)]
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in folders:
         records += [ImageRecord(p, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
     if not records:
         raise IngestError(

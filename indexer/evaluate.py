@@ -26,7 +26,7 @@ from atlas.calibration import expected_calibration_error
 from atlas.cell import SegmentationError
 from atlas.classifier import classifier_input
 from atlas.colour import background_colour
-from atlas.ingest import ImageReadError, IngestError, list_images, read_image_bytes
+from atlas.ingest import ImageReadError, IngestError, class_folders, list_images, read_image_bytes
 from atlas.prepare import prepare_cells
 from atlas.progress import progress as progress_bar
 from atlas.reference import LoadedAtlas
@@ -236,7 +236,7 @@ def evaluate_novelty(config, test_images: Path, leave_out: list[str], progress: 
     from indexer.build import build
 
     images, test_images = Path(config.images), Path(test_images)
-    classes = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [folder.name for folder in class_folders(images)]
     leave_out = classes if list(leave_out) == ["each"] else list(dict.fromkeys(leave_out))
     for name in leave_out:  # every class checked before the first build
         for folder in (images, test_images):

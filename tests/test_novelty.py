@@ -273,3 +273,6 @@ def test_evaluate_novelty_checks_every_class_before_building(tmp_path, capsys):
                  "blast", "--home", str(tmp_path / "h"), "--quiet"])
     assert code == 2 and "no sub-folder 'blast'" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+    code = main(["evaluate-novelty", "--images", str(tmp_path / "missing"), "--test", str(train), "--leave-out",
+                 "each", "--home", str(tmp_path / "h"), "--quiet"])
+    assert code == 2 and "image folder" in capsys.readouterr().err and not (tmp_path / "h").exists()
