@@ -86,7 +86,9 @@ def data_sets(args) -> dict[str, np.ndarray]:
 def seed_means(rows: list[dict], seeds: int) -> list[dict]:
     """Per data kind and tool, the mean over the seeds of the time and both errors, and in how
     many seeds CellAtlas's QE and TE were at most that tool's (the maps of two tools running the
-    same algorithm part ways by rounding, so one seed's difference can be noise)."""
+    same algorithm part ways by rounding, so one seed's difference can be noise); none for one seed."""
+    if seeds == 1:
+        return []
     means = []
     for kind in (MIXTURE, LATENTS):
         mine = [r for r in rows if r["data"].startswith(kind) and "skipped" not in r]
@@ -100,7 +102,7 @@ def seed_means(rows: list[dict], seeds: int) -> list[dict]:
                 for key, short in (("quantization_error", "qe"), ("topographic_error", "te")):
                     mean[f"seeds_cellatlas_{short}_at_most"] = sum(ours[r["data"]][key] <= r[key] for r in runs)
             means.append(mean)
-    return means if seeds > 1 else []
+    return means
 
 
 def errors(weights: np.ndarray, data: np.ndarray) -> dict:
