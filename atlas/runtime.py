@@ -49,6 +49,15 @@ def set_openmp_wait(shares_cores: bool, environ: dict | None = None) -> None:
         environ.setdefault(name, value)
 
 
+def openmp_wait_of(environ: dict | None = None) -> dict:
+    """The OpenMP waiting variables set in `environ` (default: this process's): what a job hands
+    to the workers it starts elsewhere (Ray workers on another node inherit their raylet's
+    environment, not the driver's), so that they wait as the driver does."""
+    environ = os.environ if environ is None else environ
+    names = {name for setting in OPENMP_WAIT.values() for name in setting}
+    return {name: environ[name] for name in sorted(names) if name in environ}
+
+
 # glibc malloc: allocations above this size come from the heap instead of fresh mmap()s, and up
 # to TRIM bytes freed at the heap's top are kept for reuse instead of returned to the kernel.
 # By default every forward pass's activations (tens of MB) were mapped, page-faulted in zeroed

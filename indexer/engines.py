@@ -33,7 +33,7 @@ import torch
 from atlas.backbone import Backbone
 from atlas.embedder import Embedder
 from atlas.progress import progress
-from atlas.runtime import keep_freed_memory
+from atlas.runtime import keep_freed_memory, openmp_wait_of
 from atlas.search import LatentIndex, empty_index
 from atlas.som import BatchSOM
 from atlas.vae import VAE
@@ -118,9 +118,11 @@ class RayEngine(LocalEngine):
         self._started = not ray.is_initialized()
         if self._started:
             try:
+                # The workers wait for OpenMP work as this driver does (atlas.runtime.OPENMP_WAIT):
+                # on a cluster started elsewhere they would otherwise keep their raylet's setting.
                 ray.init(address=options.address, num_cpus=None if options.address else threads,
                          include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                         configure_logging=False)
+                         configure_logging=False, runtime_env={"env_vars": openmp_wait_of()})
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise BuildError(f"cannot reach the Ray cluster at {options.address or 'this machine'}: {error}") from None
         logging.getLogger("ray.data").setLevel(logging.ERROR)
